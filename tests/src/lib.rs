@@ -1,0 +1,6 @@
+//! Shared helpers of the end-to-end tests: where the built binaries, the
+//! Python reference environment, the scripts and the tiny checkpoint are, and
+//! how to run them.
+
+pub mod hub_server;
+pub mod sandbox;

@@ -1,0 +1,271 @@
+//! Assembling a prompt's trace into the nested dict/list/tensor structures of
+//! the format reference (`gemma-2-2b-it-format.md`), in both capture modes.
+
+use super::trace::{AttentionRows, LayerTrace, PromptTrace, Rows};
+use crate::pt::{PtTensor, PtValue, StoreDtype};
+
+/// The `text`, `tokens` and `token_ids` of the prompt or the response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenTexts {
+    pub text: String,
+    pub tokens: Vec<String>,
+    pub token_ids: Vec<u32>,
+}
+
+impl TokenTexts {
+    fn entries(&self) -> Vec<(String, PtValue)> {
+        vec![
+            ("text".into(), PtValue::Str(self.text.clone())),
+            (
+                "tokens".into(),
+                PtValue::List(self.tokens.iter().cloned().map(PtValue::Str).collect()),
+            ),
+            (
+                "token_ids".into(),
+                PtValue::List(
+                    self.token_ids
+                        .iter()
+                        .map(|&id| PtValue::Int(i64::from(id)))
+                        .collect(),
+                ),
+            ),
+        ]
+    }
+}
+
+fn dict(entries: Vec<(&str, PtValue)>) -> PtValue {
+    PtValue::Dict(
+        entries
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    )
+}
+
+/// Which positions of a trace make the prompt and the response: the prompt
+/// pass covers positions `0..n`; response step `i` is the last position of its
+/// pass, `n - 1 + i`.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    prompt_len: usize,
+    response_len: usize,
+}
+
+impl Span {
+    fn of(trace: &PromptTrace) -> Self {
+        Self {
+            prompt_len: trace.prompt_len(),
+            response_len: trace.response_ids.len(),
+        }
+    }
+
+    fn response_position(&self, step: usize) -> usize {
+        self.prompt_len - 1 + step
+    }
+
+    /// `[prompt_len, width]`.
+    fn prompt(&self, rows: &Rows, store: StoreDtype) -> PtValue {
+        let data = rows.range(0, self.prompt_len);
+        PtValue::Tensor(PtTensor::from_f32(
+            vec![self.prompt_len, rows.width],
+            data,
+            store,
+        ))
+    }
+
+    /// The response rows stacked with `shape_of(response_len, width)`.
+    fn response_stacked(
+        &self,
+        rows: &Rows,
+        store: StoreDtype,
+        shape: impl Fn(usize, usize) -> Vec<usize>,
+    ) -> PtValue {
+        let start = self.response_position(0);
+        let data = rows.range(start, start + self.response_len);
+        PtValue::Tensor(PtTensor::from_f32(
+            shape(self.response_len, rows.width),
+            data,
+            store,
+        ))
+    }
+
+    /// The response rows as a list of `[1, width]` tensors.
+    fn response_list(&self, rows: &Rows, store: StoreDtype) -> PtValue {
+        PtValue::List(
+            (0..self.response_len)
+                .map(|i| {
+                    let row = rows.row(self.response_position(i));
+                    PtValue::Tensor(PtTensor::from_f32(vec![1, rows.width], row, store))
+                })
+                .collect(),
+        )
+    }
+
+    /// The prompt pass's attention matrix: `[N, N]` averaged, `[heads, N, N]`
+    /// per head.
+    fn prompt_attention(&self, rows: &AttentionRows, per_head: bool, store: StoreDtype) -> PtValue {
+        square(rows, self.prompt_len, per_head, store)
+    }
+
+    /// One attention matrix per response step, over `N + i` positions.
+    fn response_attention(
+        &self,
+        rows: &AttentionRows,
+        per_head: bool,
+        store: StoreDtype,
+    ) -> PtValue {
+        PtValue::List(
+            (0..self.response_len)
+                .map(|i| square(rows, self.prompt_len + i, per_head, store))
+                .collect(),
+        )
+    }
+}
+
+fn square(rows: &AttentionRows, size: usize, per_head: bool, store: StoreDtype) -> PtValue {
+    let data = rows.square(size);
+    let shape = if per_head {
+        vec![rows.heads, size, size]
+    } else {
+        vec![size, size]
+    };
+    PtValue::Tensor(PtTensor::from_f32(shape, &data, store))
+}
+
+/// The residual-mode artifact `inference/raw/residual/{set}/{id}.pt`: three
+/// residuals of every layer and head-averaged attention.
+pub fn residual_artifact(
+    trace: &PromptTrace,
+    prompt: &TokenTexts,
+    response: &TokenTexts,
+    store: StoreDtype,
+) -> PtValue {
+    let span = Span::of(trace);
+    let section = |is_prompt: bool, texts: &TokenTexts| {
+        let activations = trace
+            .layers
+            .iter()
+            .map(|layer| {
+                let tensors = [
+                    ("residual_in", &layer.residual_in),
+                    ("after_attn", &layer.after_attn),
+                    ("residual_out", &layer.residual_out),
+                ]
+                .into_iter()
+                .map(|(name, rows)| {
+                    let t = if is_prompt {
+                        span.prompt(rows, store)
+                    } else {
+                        span.response_stacked(rows, store, |r, w| vec![r, w])
+                    };
+                    (name, t)
+                })
+                .collect();
+                (layer.layer.to_string(), dict(tensors))
+            })
+            .collect();
+        let attention = trace
+            .layers
+            .iter()
+            .map(|layer| {
+                let t = if is_prompt {
+                    span.prompt_attention(&layer.attention, false, store)
+                } else {
+                    span.response_attention(&layer.attention, false, store)
+                };
+                (format!("layer_{}", layer.layer), t)
+            })
+            .collect();
+        let mut entries = texts.entries();
+        entries.push(("activations".into(), PtValue::Dict(activations)));
+        entries.push(("attention".into(), PtValue::Dict(attention)));
+        PtValue::Dict(entries)
+    };
+    dict(vec![
+        ("prompt", section(true, prompt)),
+        ("response", section(false, response)),
+    ])
+}
+
+/// The internals-mode artifact of one layer,
+/// `inference/raw/internals/{set}/{id}_L{layer}.pt`.
+pub fn internals_artifact(
+    trace: &PromptTrace,
+    layer: &LayerTrace,
+    prompt: &TokenTexts,
+    response: &TokenTexts,
+    store: StoreDtype,
+) -> PtValue {
+    let span = Span::of(trace);
+    let prompt_section = {
+        let p = |rows: &Rows| span.prompt(rows, store);
+        let mut entries = prompt.entries();
+        entries.push((
+            "attention".into(),
+            dict(vec![
+                ("q_proj", p(&layer.q_proj)),
+                ("k_proj", p(&layer.k_proj)),
+                ("v_proj", p(&layer.v_proj)),
+                (
+                    "attn_weights",
+                    span.prompt_attention(&layer.attention, true, store),
+                ),
+            ]),
+        ));
+        entries.push((
+            "mlp".into(),
+            dict(vec![
+                ("up_proj", p(&layer.up_proj)),
+                ("gelu", p(&layer.gelu)),
+                ("down_proj", p(&layer.down_proj)),
+            ]),
+        ));
+        entries.push((
+            "residual".into(),
+            dict(vec![
+                ("input", p(&layer.residual_in)),
+                ("after_attn", p(&layer.after_attn)),
+                ("output", p(&layer.residual_out)),
+            ]),
+        ));
+        PtValue::Dict(entries)
+    };
+    let response_section = {
+        let l = |rows: &Rows| span.response_list(rows, store);
+        let s = |rows: &Rows| span.response_stacked(rows, store, |r, w| vec![r, 1, w]);
+        let mut entries = response.entries();
+        entries.push((
+            "attention".into(),
+            dict(vec![
+                ("q_proj", l(&layer.q_proj)),
+                ("k_proj", l(&layer.k_proj)),
+                ("v_proj", l(&layer.v_proj)),
+                (
+                    "attn_weights",
+                    span.response_attention(&layer.attention, true, store),
+                ),
+            ]),
+        ));
+        entries.push((
+            "mlp".into(),
+            dict(vec![
+                ("up_proj", l(&layer.up_proj)),
+                ("gelu", l(&layer.gelu)),
+                ("down_proj", l(&layer.down_proj)),
+            ]),
+        ));
+        entries.push((
+            "residual".into(),
+            dict(vec![
+                ("input", s(&layer.residual_in)),
+                ("after_attn", s(&layer.after_attn)),
+                ("output", s(&layer.residual_out)),
+            ]),
+        ));
+        PtValue::Dict(entries)
+    };
+    dict(vec![
+        ("prompt", prompt_section),
+        ("response", response_section),
+    ])
+}

@@ -1,0 +1,14 @@
+//! Capture: the generation loop with hooks, host-side traces, and the
+//! assembly of traces into the reference's artifact structures.
+
+pub mod artifact;
+pub mod decode;
+pub mod engine;
+pub mod mode;
+pub mod trace;
+
+pub use artifact::{TokenTexts, internals_artifact, residual_artifact};
+pub use decode::Sampling;
+pub use engine::{ResponsePlan, capture_prompt, generate};
+pub use mode::{CaptureMode, LayerSelection};
+pub use trace::PromptTrace;

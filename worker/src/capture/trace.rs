@@ -1,0 +1,201 @@
+//! Host-side traces of one prompt's capture: the rows each forward pass adds,
+//! kept so that the prompt tensors, the per-step response tensors and the
+//! growing response attention matrices can be assembled without recompute.
+
+use candle_core::{DType, Tensor};
+
+use crate::model::{LayerRecord, LayerWants};
+
+/// Position-wise activations of one tensor kind: `width` floats per position.
+#[derive(Debug, Clone, Default)]
+pub struct Rows {
+    pub width: usize,
+    /// Row-major `[positions, width]`.
+    pub data: Vec<f32>,
+}
+
+impl Rows {
+    pub fn positions(&self) -> usize {
+        self.data.len().checked_div(self.width).unwrap_or(0)
+    }
+
+    /// Row `p`.
+    pub fn row(&self, p: usize) -> &[f32] {
+        &self.data[p * self.width..(p + 1) * self.width]
+    }
+
+    /// Rows `start..end`, row-major.
+    pub fn range(&self, start: usize, end: usize) -> &[f32] {
+        &self.data[start * self.width..end * self.width]
+    }
+
+    fn push(&mut self, tensor: &Tensor) -> candle_core::Result<()> {
+        let (_, width) = tensor.dims2()?;
+        self.width = width;
+        self.data.extend(to_host(tensor)?);
+        Ok(())
+    }
+}
+
+/// Attention probabilities by query position for `heads` matrices: row `p`
+/// has the `p + 1`-or-more weights of the pass that computed it (the pass's
+/// whole context); later keys are zero by causality.
+#[derive(Debug, Clone, Default)]
+pub struct AttentionRows {
+    pub heads: usize,
+    /// `rows[h][p]`: head `h`, query position `p`.
+    pub rows: Vec<Vec<Vec<f32>>>,
+}
+
+impl AttentionRows {
+    pub fn positions(&self) -> usize {
+        self.rows.first().map_or(0, Vec::len)
+    }
+
+    /// The `[heads, size, size]` matrix of the pass whose context was `size`
+    /// positions, row-major, zero-padded on the right.
+    pub fn square(&self, size: usize) -> Vec<f32> {
+        let mut out = vec![0f32; self.heads * size * size];
+        for (h, head_rows) in self.rows.iter().enumerate() {
+            for (p, row) in head_rows.iter().take(size).enumerate() {
+                let n = row.len().min(size);
+                let at = (h * size + p) * size;
+                out[at..at + n].copy_from_slice(&row[..n]);
+            }
+        }
+        out
+    }
+
+    /// Appends the rows of `[heads, t, context]` (or `[t, context]` for one
+    /// averaged matrix).
+    fn push(&mut self, tensor: &Tensor) -> candle_core::Result<()> {
+        let tensor = if tensor.rank() == 2 {
+            tensor.unsqueeze(0)?
+        } else {
+            tensor.clone()
+        };
+        let (heads, t, context) = tensor.dims3()?;
+        if self.rows.is_empty() {
+            self.heads = heads;
+            self.rows = vec![Vec::new(); heads];
+        }
+        let data = to_host(&tensor)?;
+        for (h, head_rows) in self.rows.iter_mut().enumerate() {
+            for i in 0..t {
+                let at = (h * t + i) * context;
+                head_rows.push(data[at..at + context].to_vec());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Everything recorded for one layer over all passes of one prompt.
+#[derive(Debug, Clone, Default)]
+pub struct LayerTrace {
+    pub layer: usize,
+    pub wants: LayerWants,
+    pub residual_in: Rows,
+    pub after_attn: Rows,
+    pub residual_out: Rows,
+    pub attention: AttentionRows,
+    pub q_proj: Rows,
+    pub k_proj: Rows,
+    pub v_proj: Rows,
+    pub up_proj: Rows,
+    pub gelu: Rows,
+    pub down_proj: Rows,
+}
+
+impl LayerTrace {
+    pub fn new(layer: usize, wants: LayerWants) -> Self {
+        Self {
+            layer,
+            wants,
+            ..Self::default()
+        }
+    }
+
+    /// Copies one pass's records of this layer to the host.
+    pub fn push(&mut self, record: &LayerRecord) -> candle_core::Result<()> {
+        let pairs = [
+            (&mut self.residual_in, &record.residual_in),
+            (&mut self.after_attn, &record.after_attn),
+            (&mut self.residual_out, &record.residual_out),
+            (&mut self.q_proj, &record.q_proj),
+            (&mut self.k_proj, &record.k_proj),
+            (&mut self.v_proj, &record.v_proj),
+            (&mut self.up_proj, &record.up_proj),
+            (&mut self.gelu, &record.gelu),
+            (&mut self.down_proj, &record.down_proj),
+        ];
+        for (rows, tensor) in pairs {
+            if let Some(tensor) = tensor {
+                rows.push(tensor)?;
+            }
+        }
+        if let Some(t) = record
+            .attention_heads
+            .as_ref()
+            .or(record.attention_mean.as_ref())
+        {
+            self.attention.push(t)?;
+        }
+        Ok(())
+    }
+}
+
+fn to_host(tensor: &Tensor) -> candle_core::Result<Vec<f32>> {
+    tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// One prompt's capture: its tokens, the response and the layer traces.
+#[derive(Debug, Clone)]
+pub struct PromptTrace {
+    pub prompt_ids: Vec<u32>,
+    pub response_ids: Vec<u32>,
+    pub layers: Vec<LayerTrace>,
+}
+
+impl PromptTrace {
+    pub fn prompt_len(&self) -> usize {
+        self.prompt_ids.len()
+    }
+
+    pub fn layer(&self, layer: usize) -> Option<&LayerTrace> {
+        self.layers.iter().find(|t| t.layer == layer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn attention_rows_assemble_growing_squares() {
+        let mut rows = AttentionRows::default();
+        // a 2-position prompt pass, then one decode step over 3 positions
+        let prompt = Tensor::new(&[[1f32, 0.0], [0.5, 0.5]], &Device::Cpu).unwrap();
+        rows.push(&prompt).unwrap();
+        let step = Tensor::new(&[[0.2f32, 0.3, 0.5]], &Device::Cpu).unwrap();
+        rows.push(&step).unwrap();
+        assert_eq!(rows.square(2), vec![1.0, 0.0, 0.5, 0.5]);
+        assert_eq!(
+            rows.square(3),
+            vec![1.0, 0.0, 0.0, 0.5, 0.5, 0.0, 0.2, 0.3, 0.5]
+        );
+    }
+
+    #[test]
+    fn rows_append_passes() {
+        let mut rows = Rows::default();
+        rows.push(&Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap())
+            .unwrap();
+        rows.push(&Tensor::new(&[[5f32, 6.0]], &Device::Cpu).unwrap())
+            .unwrap();
+        assert_eq!(rows.positions(), 3);
+        assert_eq!(rows.row(2), &[5.0, 6.0]);
+        assert_eq!(rows.range(1, 3), &[3.0, 4.0, 5.0, 6.0]);
+    }
+}

@@ -1,0 +1,196 @@
+//! The `worker` command line: flags, help texts and their translation into
+//! library options.
+
+use std::path::PathBuf;
+
+use candle_core::DType;
+use clap::{Args, Parser, Subcommand};
+
+use crate::bench::BenchOptions;
+use crate::capture::{LayerSelection, Sampling};
+use crate::loader::{DeviceArg, parse_compute_dtype};
+use crate::model::Gemma2Config;
+use crate::model_files::ModelSource;
+use crate::pt::StoreDtype;
+use crate::run::{CaptureOptions, PromptSource};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "worker",
+    version,
+    about = "Capture what Gemma-2 computes while it reads a prompt and writes its answer",
+    long_about = "Capture what Gemma-2 computes while it reads a prompt and writes its answer.\n\n\
+        `worker capture` runs a hooked Gemma-2 on a prompt set and writes PyTorch .pt artifacts in the \
+        layout researchers' scripts expect (inference/raw/residual/{set}/{id}.pt, \
+        inference/raw/internals/{set}/{id}_L{layer}.pt) plus a manifest.json.\n\n\
+        Example:\n  worker capture --model google/gemma-2-2b-it --prompt-set dynamic --mode residual --out captures/exp1"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Capture residual streams or layer internals for a prompt set
+    Capture(CaptureArgs),
+    /// Time plain generation and capture on random weights at real dimensions
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("prompts").required(true).args(["prompt_set", "prompt_file", "prompt"])))]
+pub struct CaptureArgs {
+    /// Checkpoint directory, or a Hugging Face hub id fetched into the usual cache (HF_TOKEN and HF_ENDPOINT honoured)
+    #[arg(long, default_value = "google/gemma-2-2b-it")]
+    pub model: String,
+    /// Hub revision (branch, tag or commit) to pin
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Built-in prompt set: adversarial, baseline, dynamic, multi_trait, real_world, single_trait
+    #[arg(long)]
+    pub prompt_set: Option<String>,
+    /// Custom prompt file {"name","description","prompts":[{"id","text","note"}]}; its file stem names the set in paths
+    #[arg(long)]
+    pub prompt_file: Option<PathBuf>,
+    /// A single prompt (set "custom", id 1)
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// residual: three residuals of every layer + head-averaged attention, one file per prompt; internals: q/k/v, per-head attention, MLP and residuals of --layers, one file per prompt and layer
+    #[arg(long, value_parser = ["residual", "internals"])]
+    pub mode: String,
+    /// Layers for internals mode: 16, 1,3, 0-5 or all
+    #[arg(long, default_value = "16")]
+    pub layers: LayerSelection,
+    /// Most response tokens per prompt; generation also stops after an end token of generation_config.json
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_new_tokens: u32,
+    /// Choose the most likely token (the default when no --temperature is given)
+    #[arg(long, conflicts_with_all = ["temperature", "top_p"])]
+    pub greedy: bool,
+    /// Sample with this temperature (needs --seed)
+    #[arg(long, requires = "seed")]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling: keep the smallest set of tokens with this much probability
+    #[arg(long, requires = "temperature")]
+    pub top_p: Option<f64>,
+    /// Seed of the sampler; with the same model, prompt and parameters a run is reproducible
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Capture on the response tokens of an earlier capture in DIR (teacher forcing), e.g. to compare two model variants on one response
+    #[arg(long, value_name = "DIR")]
+    pub replay: Option<PathBuf>,
+    /// Storage dtype of the captured tensors
+    #[arg(long, default_value = "f32")]
+    pub store_dtype: StoreDtype,
+    /// Wrap each prompt in Gemma's chat template (recorded in the manifest)
+    #[arg(long)]
+    pub chat_template: bool,
+    /// cpu, or cuda:N with a CUDA build
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// Compute dtype: f32 (default on cpu), bf16 (default on cuda) or f16
+    #[arg(long, value_parser = parse_compute_dtype)]
+    pub dtype: Option<DType>,
+    /// Output root: artifacts go below it at the reference's relative paths, with manifest.json at the top
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Hide the progress bar
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl CaptureArgs {
+    pub fn into_options(self) -> CaptureOptions {
+        let prompts = match (self.prompt_set, self.prompt_file, self.prompt) {
+            (Some(set), _, _) => PromptSource::Set(set),
+            (_, Some(file), _) => PromptSource::File(file),
+            (_, _, Some(text)) => PromptSource::Text(text),
+            (None, None, None) => unreachable!("clap requires one prompt source"),
+        };
+        let sampling = match self.temperature {
+            Some(temperature) => Sampling::Temperature {
+                temperature,
+                top_p: self.top_p,
+                seed: self.seed.unwrap_or_default(),
+            },
+            None => Sampling::Greedy,
+        };
+        CaptureOptions {
+            model: ModelSource {
+                spec: self.model,
+                revision: self.revision,
+            },
+            prompts,
+            mode: self.mode,
+            layers: self.layers,
+            max_new_tokens: self.max_new_tokens as usize,
+            sampling,
+            replay: self.replay,
+            store_dtype: self.store_dtype,
+            chat_template: self.chat_template,
+            device: self.device,
+            compute_dtype: self.dtype,
+            out: self.out,
+            progress: !self.quiet,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Take the dimensions from this config.json instead of gemma-2-2b's
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Prompt length in tokens (including <bos>)
+    #[arg(long, default_value_t = 30)]
+    pub prompt_tokens: usize,
+    /// Generated tokens per run
+    #[arg(long, default_value_t = 20)]
+    pub new_tokens: usize,
+    /// Layer of the internals workload
+    #[arg(long, default_value_t = 16)]
+    pub layer: usize,
+    /// Runs per workload; the best is reported
+    #[arg(long, default_value_t = 1)]
+    pub repeats: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceArg,
+    #[arg(long, value_parser = parse_compute_dtype)]
+    pub dtype: Option<DType>,
+    /// Also write the results as JSON to this file
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    pub fn options(&self) -> anyhow::Result<BenchOptions> {
+        let config = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)?;
+                Gemma2Config::from_json(&text, &path.display().to_string())
+                    .map_err(anyhow::Error::msg)?
+            }
+            None => Gemma2Config::gemma2_2b(),
+        };
+        anyhow::ensure!(
+            self.layer < config.num_hidden_layers,
+            "--layer {} is out of range: the model has {} layers",
+            self.layer,
+            config.num_hidden_layers
+        );
+        anyhow::ensure!(
+            self.new_tokens > 0 && self.prompt_tokens > 0,
+            "--new-tokens and --prompt-tokens must be positive"
+        );
+        Ok(BenchOptions {
+            config,
+            prompt_tokens: self.prompt_tokens,
+            new_tokens: self.new_tokens,
+            internals_layer: self.layer,
+            device: self.device,
+            compute_dtype: self.dtype,
+            repeats: self.repeats.max(1),
+        })
+    }
+}

@@ -1,0 +1,17 @@
+//! Hooked Gemma-2 capture engine: model, generation with capture, `.pt`
+//! artifacts, prompt sets and the `worker` command's library side.
+
+pub mod bench;
+pub mod capture;
+pub mod cli;
+pub mod error;
+pub mod loader;
+pub mod manifest;
+pub mod model;
+pub mod model_files;
+pub mod prompts;
+pub mod pt;
+pub mod run;
+pub mod tokenizer;
+
+pub use error::CaptureError;

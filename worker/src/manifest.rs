@@ -1,0 +1,133 @@
+//! `manifest.json`: what a capture directory holds and how it was made
+//! (model identity and hashes, parameters, and every artifact's key, size,
+//! sha256 and tensor shapes).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CaptureError, Result};
+use crate::pt::PtValue;
+
+pub const MANIFEST_FORMAT: &str = "capture-manifest/1";
+
+/// The model a capture ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelIdentity {
+    pub id: String,
+    pub revision: Option<String>,
+    pub config_sha256: String,
+    pub tokenizer_sha256: String,
+    /// Compute dtype (`f32`, `bf16`, ...).
+    pub compute_dtype: String,
+}
+
+/// One written artifact.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactEntry {
+    /// Path relative to the capture root, `/`-separated.
+    pub key: String,
+    pub prompt_set: String,
+    pub prompt_id: String,
+    pub mode: String,
+    pub layer: Option<usize>,
+    pub bytes: u64,
+    pub sha256: String,
+    pub prompt_tokens: usize,
+    pub response_tokens: usize,
+    /// Dotted key path to shape; a list of tensors is summarised as
+    /// `"list of R: [a, b] .. [c, d]"`.
+    pub shapes: BTreeMap<String, serde_json::Value>,
+}
+
+/// The manifest of a capture directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub code_version: String,
+    pub model: ModelIdentity,
+    /// Mode, layers, decoding, storage dtype, replay source.
+    pub parameters: serde_json::Value,
+    pub artifacts: Vec<ArtifactEntry>,
+}
+
+impl Manifest {
+    pub fn new(model: ModelIdentity, parameters: serde_json::Value) -> Self {
+        Self {
+            format: MANIFEST_FORMAT.into(),
+            code_version: env!("CARGO_PKG_VERSION").into(),
+            model,
+            parameters,
+            artifacts: Vec::new(),
+        }
+    }
+
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| CaptureError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|e| {
+            CaptureError::InvalidArgument(format!("cannot read manifest {}: {e}", path.display()))
+        })
+    }
+
+    /// Adds or replaces the entry with the same key.
+    pub fn upsert(&mut self, entry: ArtifactEntry) {
+        match self.artifacts.iter_mut().find(|a| a.key == entry.key) {
+            Some(existing) => *existing = entry,
+            None => self.artifacts.push(entry),
+        }
+    }
+
+    /// Writes the manifest atomically (temporary file, then rename).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self).expect("a manifest serialises");
+        crate::pt::write_file_atomic(path, &json)?;
+        Ok(())
+    }
+}
+
+/// Shapes of every tensor in an artifact, by dotted key path.
+pub fn tensor_shapes(value: &PtValue) -> BTreeMap<String, serde_json::Value> {
+    let mut out = BTreeMap::new();
+    collect_shapes(value, String::new(), &mut out);
+    out
+}
+
+fn collect_shapes(value: &PtValue, path: String, out: &mut BTreeMap<String, serde_json::Value>) {
+    let join = |key: &str| {
+        if path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    match value {
+        PtValue::Tensor(t) => {
+            out.insert(path, serde_json::json!(t.shape));
+        }
+        PtValue::Dict(entries) => {
+            for (key, v) in entries {
+                collect_shapes(v, join(key), out);
+            }
+        }
+        PtValue::List(items) => {
+            let shapes: Vec<&Vec<usize>> = items
+                .iter()
+                .filter_map(|v| match v {
+                    PtValue::Tensor(t) => Some(&t.shape),
+                    _ => None,
+                })
+                .collect();
+            if let (Some(first), Some(last)) = (shapes.first(), shapes.last()) {
+                out.insert(
+                    path,
+                    serde_json::json!(format!("list of {}: {first:?} .. {last:?}", shapes.len())),
+                );
+            }
+        }
+        _ => {}
+    }
+}

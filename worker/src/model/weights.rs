@@ -1,0 +1,149 @@
+//! Checkpoint tensors by name, with the checks that turn a bad checkpoint into
+//! a clear error (missing tensor, shape mismatch) instead of a panic later.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::config::Gemma2Config;
+use crate::error::{CaptureError, Result};
+
+/// Named tensors in the model's compute dtype, on its device.
+#[derive(Debug)]
+pub struct Weights {
+    tensors: HashMap<String, Tensor>,
+    /// Where the tensors came from, for error messages.
+    origin: String,
+    dtype: DType,
+    device: Device,
+}
+
+impl Weights {
+    /// Loads every tensor of the given safetensors files (one file or all the
+    /// shards of an index), converted to `dtype`.
+    pub fn from_safetensors(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+        let mut tensors = HashMap::new();
+        for file in files {
+            let bytes = std::fs::read(file).map_err(|source| CaptureError::Io {
+                path: file.clone(),
+                source,
+            })?;
+            let loaded = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
+                CaptureError::InvalidArgument(format!(
+                    "cannot read safetensors file {}: {e}",
+                    file.display()
+                ))
+            })?;
+            drop(bytes);
+            for (name, tensor) in loaded {
+                // Checkpoints saved from the bare model lack the "model." prefix.
+                let name = if name.starts_with("model.") || name.starts_with("lm_head.") {
+                    name
+                } else {
+                    format!("model.{name}")
+                };
+                tensors.insert(name, tensor.to_dtype(dtype)?);
+            }
+        }
+        let origin = match files {
+            [one] => one.display().to_string(),
+            _ => files
+                .first()
+                .and_then(|f| f.parent())
+                .map(|d| format!("the shards in {}", d.display()))
+                .unwrap_or_else(|| "no files".into()),
+        };
+        Ok(Self {
+            tensors,
+            origin,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// Random weights with the shapes of `cfg` (benchmarks and tests): normal
+    /// with standard deviation `std`, norms around zero; seeded.
+    pub fn random(
+        cfg: &Gemma2Config,
+        std: f32,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        device.set_seed(seed)?;
+        let mut tensors = HashMap::new();
+        let mut add = |name: String, shape: &[usize], std: f32| -> Result<()> {
+            let t = Tensor::randn(0f32, std, shape, device)?.to_dtype(dtype)?;
+            tensors.insert(name, t);
+            Ok(())
+        };
+        let (h, i, q, kv) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+        );
+        add(
+            "model.embed_tokens.weight".into(),
+            &[cfg.vocab_size, h],
+            std,
+        )?;
+        add("model.norm.weight".into(), &[h], 0.1)?;
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            for (name, shape) in [
+                ("self_attn.q_proj", [q, h]),
+                ("self_attn.k_proj", [kv, h]),
+                ("self_attn.v_proj", [kv, h]),
+                ("self_attn.o_proj", [h, q]),
+                ("mlp.gate_proj", [i, h]),
+                ("mlp.up_proj", [i, h]),
+                ("mlp.down_proj", [h, i]),
+            ] {
+                add(format!("{p}.{name}.weight"), &shape, std)?;
+            }
+            for norm in [
+                "input_layernorm",
+                "post_attention_layernorm",
+                "pre_feedforward_layernorm",
+                "post_feedforward_layernorm",
+            ] {
+                add(format!("{p}.{norm}.weight"), &[h], 0.1)?;
+            }
+        }
+        Ok(Self {
+            tensors,
+            origin: "random weights".into(),
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// The tensor called `name`, which must have exactly `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let tensor = self.tensors.get(name).ok_or_else(|| {
+            CaptureError::InvalidArgument(format!(
+                "tensor {name} is missing from {}: is this a Gemma-2 checkpoint?",
+                self.origin
+            ))
+        })?;
+        if tensor.dims() != shape {
+            return Err(CaptureError::InvalidArgument(format!(
+                "tensor {name} in {} has shape {:?}, but config.json implies {:?}",
+                self.origin,
+                tensor.dims(),
+                shape
+            )));
+        }
+        Ok(tensor.clone())
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+}

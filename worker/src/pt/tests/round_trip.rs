@@ -1,0 +1,140 @@
+//! encode → decode gives back the value, for every store dtype.
+
+use super::{archive, artifact, dict, edge_cases, tensor};
+use crate::pt::pickle_read::unpickle;
+use crate::pt::{PtError, PtTree, PtValue, StoreDtype, decode_pt, encode_pt};
+
+const STORES: [StoreDtype; 3] = [StoreDtype::F32, StoreDtype::F16, StoreDtype::BF16];
+
+#[test]
+fn artifacts_round_trip() {
+    for store in STORES {
+        for n in [1, 5] {
+            let value = artifact(store, n);
+            let bytes = encode_pt(&value, "artifact").unwrap();
+            assert_eq!(decode_pt(&bytes).unwrap(), value, "{store} n={n}");
+        }
+    }
+}
+
+#[test]
+fn edge_cases_round_trip() {
+    for store in STORES {
+        let value = edge_cases(store);
+        let bytes = encode_pt(&value, "edge").unwrap();
+        let decoded = decode_pt(&bytes).unwrap();
+        assert_eq!(decoded, value, "{store}");
+        let scalar = decoded.get("scalar").and_then(PtTree::as_tensor).unwrap();
+        assert!(scalar.shape.is_empty());
+        assert_eq!(scalar.numel(), 1);
+    }
+}
+
+#[test]
+fn bare_values_round_trip() {
+    let bare = [
+        tensor(&[4], 1.0, StoreDtype::F32),
+        tensor(&[], 1.0, StoreDtype::BF16),
+        PtValue::None,
+        PtValue::Int(-5),
+        PtValue::List(vec![tensor(&[2, 1, 2], 0.5, StoreDtype::F16); 3]),
+    ];
+    for value in bare {
+        let bytes = encode_pt(&value, "bare").unwrap();
+        assert_eq!(decode_pt(&bytes).unwrap(), value);
+    }
+}
+
+#[test]
+fn encoding_is_deterministic() {
+    let value = artifact(StoreDtype::BF16, 3);
+    assert_eq!(
+        encode_pt(&value, "a").unwrap(),
+        encode_pt(&value, "a").unwrap()
+    );
+}
+
+#[test]
+fn invalid_values_are_rejected_on_write() {
+    let mut bad = artifact(StoreDtype::F32, 2);
+    if let PtValue::Dict(entries) = &mut bad {
+        entries.push(("prompt".into(), PtValue::None));
+    }
+    assert!(encode_pt(&bad, "a").is_err(), "duplicate key");
+    let mut short = tensor(&[3], 0.0, StoreDtype::F16);
+    if let PtValue::Tensor(t) = &mut short {
+        t.data.pop();
+    }
+    let err = encode_pt(&short, "a").unwrap_err();
+    assert!(matches!(err, PtError::Tensor(_)), "{err}");
+    assert!(encode_pt(&PtValue::None, "a/b").is_err());
+    assert!(encode_pt(&PtValue::None, "").is_err());
+    let mut deep = PtValue::None;
+    for _ in 0..200 {
+        deep = PtValue::List(vec![deep]);
+    }
+    assert!(matches!(encode_pt(&deep, "a"), Err(PtError::Limit(_))));
+}
+
+/// Pickles written by CPython with other protocols and memo opcodes.
+#[test]
+fn reads_cpython_pickles() {
+    // pickle.dumps({'a': [1, 'x', 2**40], 'b': 1.5}, protocol=4)
+    let proto4 = b"\x80\x04\x95(\x00\x00\x00\x00\x00\x00\x00}\x94(\x8c\x01a\x94]\x94(K\x01\x8c\x01x\x94\x8a\x06\x00\x00\x00\x00\x00\x01e\x8c\x01b\x94G?\xf8\x00\x00\x00\x00\x00\x00u.";
+    let expected = dict(vec![
+        (
+            "a",
+            PtValue::List(vec![
+                PtValue::Int(1),
+                PtValue::Str("x".into()),
+                PtValue::Int(1 << 40),
+            ]),
+        ),
+        ("b", PtValue::Float(1.5)),
+    ]);
+    assert_eq!(decode_pt(&archive(proto4, &[])).unwrap(), expected);
+
+    // pickle.dumps(collections.OrderedDict(k=[]), protocol=4): STACK_GLOBAL.
+    let ordered = b"\x80\x04\x95)\x00\x00\x00\x00\x00\x00\x00\x8c\x0bcollections\x94\x8c\x0bOrderedDict\x94\x93\x94)R\x94\x8c\x01k\x94]\x94s.";
+    let expected = dict(vec![("k", PtValue::List(vec![]))]);
+    assert_eq!(decode_pt(&archive(ordered, &[])).unwrap(), expected);
+
+    // OrderedDict with an empty BUILD state, SHORT_BINSTRING key.
+    let built = b"\x80\x02ccollections\nOrderedDict\n)R}bU\x01kK\x01s.";
+    let expected = dict(vec![("k", PtValue::Int(1))]);
+    assert_eq!(decode_pt(&archive(built, &[])).unwrap(), expected);
+}
+
+#[test]
+fn memo_references_share_objects() {
+    // EMPTY_LIST BINPUT 0, BINGET 0, 7 APPEND (to the shared list), TUPLE2:
+    // both items are the same list, so both see the append.
+    let shared = b"\x80\x02]q\x00h\x00K\x07a\x86.";
+    let seven = PtValue::List(vec![PtValue::Int(7)]);
+    assert_eq!(
+        decode_pt(&archive(shared, &[])).unwrap(),
+        PtValue::Tuple(vec![seven.clone(), seven])
+    );
+    // A re-assigned key keeps its first position, as in Python.
+    let reassigned =
+        b"\x80\x02}(X\x01\x00\x00\x00aK\x01X\x01\x00\x00\x00bK\x02X\x01\x00\x00\x00aK\x03u.";
+    assert_eq!(
+        decode_pt(&archive(reassigned, &[])).unwrap(),
+        dict(vec![("a", PtValue::Int(3)), ("b", PtValue::Int(2))])
+    );
+}
+
+#[test]
+fn hostile_pickles_hit_limits() {
+    // A list appended to itself.
+    let cyclic = b"\x80\x02]q\x00(h\x00e.";
+    assert!(matches!(unpickle(cyclic), Err(PtError::Limit(_))));
+    // Each level references the previous one twice: 2^40 leaves.
+    let mut doubling = b"\x80\x02N".to_vec();
+    for _ in 0..40 {
+        doubling.extend_from_slice(b"q\x00h\x00\x86");
+    }
+    doubling.push(b'.');
+    let err = unpickle(&doubling).unwrap_err();
+    assert!(matches!(err, PtError::Limit(_)), "{err}");
+}

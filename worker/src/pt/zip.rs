@@ -1,0 +1,585 @@
+//! Stored (uncompressed) zip archives: a writer that lays entries out the
+//! way torch's miniz writer does, and a central-directory reader.
+//!
+//! The writer mirrors `torch.save` byte for byte in structure: every entry's
+//! data starts at a 64-byte aligned offset (padding lives in an `FB` extra
+//! field of the local header), non-empty entries carry a data descriptor,
+//! and no zip64 records are written (archives are limited to 4 GiB). torch's
+//! optional offset calculation (`calculate_storage_offsets`) relies on that
+//! layout. The reader also accepts zip64 archives.
+
+use std::collections::HashMap;
+
+use super::PtError;
+use super::crc32::crc32;
+
+const LOCAL_SIG: u32 = 0x0403_4b50;
+const CENTRAL_SIG: u32 = 0x0201_4b50;
+const EOCD_SIG: u32 = 0x0605_4b50;
+const ZIP64_EOCD_SIG: u32 = 0x0606_4b50;
+const ZIP64_LOCATOR_SIG: u32 = 0x0706_4b50;
+const DESCRIPTOR_SIG: u32 = 0x0807_4b50;
+
+/// Length of a local file header without its name and extra field.
+pub const LOCAL_HEADER_LEN: usize = 30;
+const CENTRAL_HEADER_LEN: usize = 46;
+const EOCD_LEN: usize = 22;
+const ZIP64_LOCATOR_LEN: usize = 20;
+const ZIP64_EOCD_LEN: usize = 56;
+const MAX_COMMENT_LEN: usize = 0xFFFF;
+
+/// Alignment of every entry's data, as torch's `.storage_alignment`.
+pub(super) const ALIGNMENT: usize = 64;
+/// General purpose flag: sizes and CRC follow the data in a descriptor.
+const FLAG_DESCRIPTOR: u16 = 0x0008;
+/// General purpose flag: the name is UTF-8.
+const FLAG_UTF8: u16 = 0x0800;
+/// Header id of the padding extra field torch writes.
+const PADDING_EXTRA_ID: &[u8; 2] = b"FB";
+
+/// Builds a stored zip archive in memory.
+pub(super) struct ZipWriter {
+    buf: Vec<u8>,
+    central: Vec<CentralRecord>,
+}
+
+/// What the central directory needs to know about one written entry.
+struct CentralRecord {
+    name: String,
+    flags: u16,
+    crc: u32,
+    size: u32,
+    header_offset: u32,
+}
+
+fn too_large() -> PtError {
+    PtError::Limit("archive larger than 4 GiB (zip64 is not written)".into())
+}
+
+impl ZipWriter {
+    /// An empty archive with room for `capacity` bytes.
+    pub(super) fn with_capacity(capacity: usize) -> Self {
+        ZipWriter {
+            buf: Vec::with_capacity(capacity),
+            central: Vec::new(),
+        }
+    }
+
+    /// Name, CRC-32 and size of each entry written so far.
+    pub(super) fn entries(&self) -> impl Iterator<Item = (&str, u32, u32)> {
+        self.central
+            .iter()
+            .map(|r| (r.name.as_str(), r.crc, r.size))
+    }
+
+    /// Appends an entry `name` holding `data`, its data 64-byte aligned.
+    pub(super) fn add(&mut self, name: &str, data: &[u8]) -> Result<(), PtError> {
+        let header_offset = u32::try_from(self.buf.len())
+            .ok()
+            .filter(|&o| o < u32::MAX)
+            .ok_or_else(too_large)?;
+        let size = u32::try_from(data.len())
+            .ok()
+            .filter(|&s| s < u32::MAX)
+            .ok_or_else(too_large)?;
+        let name_len = u16::try_from(name.len())
+            .map_err(|_| PtError::Limit(format!("zip entry name too long: {name}")))?;
+        // Data starts after the header, the name and at least the 4 bytes of
+        // the padding field's own header.
+        let unpadded = self.buf.len() + LOCAL_HEADER_LEN + name.len() + 4;
+        let padding = unpadded.next_multiple_of(ALIGNMENT) - unpadded;
+        let crc = crc32(data);
+        let flags = if data.is_empty() {
+            FLAG_UTF8
+        } else {
+            FLAG_UTF8 | FLAG_DESCRIPTOR
+        };
+
+        let buf = &mut self.buf;
+        put_u32(buf, LOCAL_SIG);
+        put_u16(buf, 0); // version needed
+        put_u16(buf, flags);
+        put_u16(buf, 0); // method: stored
+        put_u32(buf, 0); // time and date
+        buf.extend_from_slice(&[0; 12]); // crc and sizes: in the descriptor
+        put_u16(buf, name_len);
+        put_u16(buf, (4 + padding) as u16);
+        buf.extend_from_slice(name.as_bytes());
+        buf.extend_from_slice(PADDING_EXTRA_ID);
+        put_u16(buf, padding as u16);
+        buf.resize(buf.len() + padding, b'Z');
+        buf.extend_from_slice(data);
+        if !data.is_empty() {
+            put_u32(buf, DESCRIPTOR_SIG);
+            put_u32(buf, crc);
+            put_u32(buf, size);
+            put_u32(buf, size);
+        }
+        self.central.push(CentralRecord {
+            name: name.to_owned(),
+            flags,
+            crc,
+            size,
+            header_offset,
+        });
+        Ok(())
+    }
+
+    /// Writes the central directory and end record and returns the archive.
+    pub(super) fn finish(mut self) -> Result<Vec<u8>, PtError> {
+        let count = u16::try_from(self.central.len())
+            .ok()
+            .filter(|&c| c < u16::MAX)
+            .ok_or_else(|| PtError::Limit("more than 65534 zip entries".into()))?;
+        let cd_offset = u32::try_from(self.buf.len()).map_err(|_| too_large())?;
+        let buf = &mut self.buf;
+        for record in &self.central {
+            put_u32(buf, CENTRAL_SIG);
+            put_u16(buf, 0); // version made by
+            put_u16(buf, 0); // version needed
+            put_u16(buf, record.flags);
+            put_u16(buf, 0); // method: stored
+            put_u32(buf, 0); // time and date
+            put_u32(buf, record.crc);
+            put_u32(buf, record.size);
+            put_u32(buf, record.size);
+            put_u16(buf, record.name.len() as u16);
+            buf.extend_from_slice(&[0; 12]); // extra, comment, disk, attributes
+            put_u32(buf, record.header_offset);
+            buf.extend_from_slice(record.name.as_bytes());
+        }
+        let cd_size = u32::try_from(buf.len() - cd_offset as usize).map_err(|_| too_large())?;
+        put_u32(buf, EOCD_SIG);
+        put_u32(buf, 0); // disk numbers
+        put_u16(buf, count);
+        put_u16(buf, count);
+        put_u32(buf, cd_size);
+        put_u32(buf, cd_offset);
+        put_u16(buf, 0); // comment length
+        Ok(self.buf)
+    }
+}
+
+fn put_u16(buf: &mut Vec<u8>, v: u16) {
+    buf.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u32(buf: &mut Vec<u8>, v: u32) {
+    buf.extend_from_slice(&v.to_le_bytes());
+}
+
+/// One entry of a zip archive's central directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZipEntry {
+    pub name: String,
+    /// File offset of the entry's local header.
+    pub header_offset: u64,
+    /// Size of the (stored) data in bytes.
+    pub size: u64,
+    pub crc32: u32,
+}
+
+impl ZipEntry {
+    /// File offset of the entry's data, given at least the first
+    /// [`LOCAL_HEADER_LEN`] bytes at [`ZipEntry::header_offset`].
+    pub fn data_offset(&self, local_header: &[u8]) -> Result<u64, PtError> {
+        let header = Bytes(local_header);
+        let fields = (|| {
+            let sig = header.u32(0)?;
+            let method = header.u16(8)?;
+            let name_len = header.u16(26)?;
+            let extra_len = header.u16(28)?;
+            Some((sig, method, name_len, extra_len))
+        })();
+        match fields {
+            Some((LOCAL_SIG, 0, name_len, extra_len)) => {
+                let header_len = LOCAL_HEADER_LEN + usize::from(name_len) + usize::from(extra_len);
+                self.header_offset
+                    .checked_add(header_len as u64)
+                    .ok_or_else(|| PtError::Zip(format!("entry {} out of range", self.name)))
+            }
+            Some((LOCAL_SIG, method, ..)) => Err(PtError::Zip(format!(
+                "entry {} is compressed (method {method}); only stored entries are supported",
+                self.name
+            ))),
+            _ => Err(PtError::Zip(format!(
+                "bad local header for entry {} at byte {}",
+                self.name, self.header_offset
+            ))),
+        }
+    }
+
+    /// The entry's data within the whole archive `file`, CRC-checked.
+    pub(super) fn data<'a>(&self, file: &'a [u8]) -> Result<&'a [u8], PtError> {
+        let out_of_bounds = || {
+            PtError::Zip(format!(
+                "entry {} extends past the end of the file",
+                self.name
+            ))
+        };
+        let start = usize::try_from(self.header_offset).map_err(|_| out_of_bounds())?;
+        let local = file.get(start..).ok_or_else(out_of_bounds)?;
+        let data_start = usize::try_from(self.data_offset(local)?).map_err(|_| out_of_bounds())?;
+        let name_start = start + LOCAL_HEADER_LEN;
+        if file.get(name_start..name_start + self.name.len()) != Some(self.name.as_bytes()) {
+            return Err(PtError::Zip(format!(
+                "local header of entry {} names another entry",
+                self.name
+            )));
+        }
+        let size = usize::try_from(self.size).map_err(|_| out_of_bounds())?;
+        let data = data_start
+            .checked_add(size)
+            .and_then(|end| file.get(data_start..end))
+            .ok_or_else(out_of_bounds)?;
+        if crc32(data) != self.crc32 {
+            return Err(PtError::Zip(format!("entry {}: crc32 mismatch", self.name)));
+        }
+        Ok(data)
+    }
+}
+
+/// The central directory of a zip archive.
+#[derive(Debug, Clone)]
+pub struct ZipDirectory {
+    entries: Vec<ZipEntry>,
+    by_name: HashMap<String, usize>,
+}
+
+/// Where the central directory is, from the end records.
+struct DirectoryLocation {
+    entries: u64,
+    offset: u64,
+    size: u64,
+    /// File offset of the first end record (zip64 or not).
+    end: u64,
+}
+
+impl ZipDirectory {
+    /// Parses the central directory from the last `tail.len()` bytes of a
+    /// file `file_len` bytes long (the whole file works). If the tail does not
+    /// reach back far enough, the error is [`PtError::TailTooShort`] with the
+    /// tail length needed; retry with that many bytes (more than once for
+    /// zip64 archives whose 32-bit end record lacks the directory offset).
+    pub fn parse_from_tail(tail: &[u8], file_len: u64) -> Result<Self, PtError> {
+        let tail_start = file_len
+            .checked_sub(tail.len() as u64)
+            .ok_or_else(|| PtError::Zip("tail longer than the file".into()))?;
+        let location = locate_directory(tail, tail_start, file_len)?;
+        let cd_start = location
+            .offset
+            .checked_sub(tail_start)
+            .ok_or(PtError::TailTooShort {
+                needed: file_len - location.offset,
+            })?;
+        let cd = usize::try_from(cd_start)
+            .ok()
+            .and_then(|start| tail.get(start..start.checked_add(location.size as usize)?))
+            .ok_or_else(|| PtError::Zip("central directory out of bounds".into()))?;
+        let cd = Bytes(cd);
+        let mut entries = Vec::new();
+        let mut by_name = HashMap::new();
+        let mut pos = 0usize;
+        for _ in 0..location.entries {
+            let entry = parse_central_header(cd, &mut pos, location.offset)?;
+            if by_name.insert(entry.name.clone(), entries.len()).is_some() {
+                return Err(PtError::Zip(format!("duplicate entry {}", entry.name)));
+            }
+            entries.push(entry);
+        }
+        Ok(ZipDirectory { entries, by_name })
+    }
+
+    /// All entries in central directory order.
+    pub fn entries(&self) -> &[ZipEntry] {
+        &self.entries
+    }
+
+    /// The entry called `name`.
+    pub fn get(&self, name: &str) -> Option<&ZipEntry> {
+        self.by_name.get(name).map(|&i| &self.entries[i])
+    }
+
+    /// The entry called `name`, or an error naming it.
+    pub(super) fn require(&self, name: &str) -> Result<&ZipEntry, PtError> {
+        self.get(name)
+            .ok_or_else(|| PtError::MissingEntry(name.to_owned()))
+    }
+}
+
+/// Finds the end of central directory record (and the zip64 one if present).
+fn locate_directory(
+    tail: &[u8],
+    tail_start: u64,
+    file_len: u64,
+) -> Result<DirectoryLocation, PtError> {
+    let not_found = || PtError::NotZip("end of central directory not found".into());
+    let max_search = (EOCD_LEN + MAX_COMMENT_LEN).min(tail.len());
+    let bytes = Bytes(tail);
+    let eocd = (EOCD_LEN..=max_search)
+        .map(|back| tail.len() - back)
+        .find(|&pos| {
+            bytes.u32(pos) == Some(EOCD_SIG)
+                && bytes.u16(pos + 20).map(usize::from) == Some(tail.len() - pos - EOCD_LEN)
+        });
+    let Some(eocd) = eocd else {
+        let searchable = (EOCD_LEN + MAX_COMMENT_LEN) as u64;
+        return Err(if tail_start > 0 && (tail.len() as u64) < searchable {
+            PtError::TailTooShort {
+                needed: file_len.min(searchable),
+            }
+        } else {
+            not_found()
+        });
+    };
+    let field16 = |off| bytes.u16(eocd + off).ok_or_else(not_found);
+    let field32 = |off| bytes.u32(eocd + off).ok_or_else(not_found);
+    if field16(4)? != 0 || field16(6)? != 0 {
+        return Err(PtError::Zip("multi-disk archives are not supported".into()));
+    }
+    let mut location = DirectoryLocation {
+        entries: u64::from(field16(10)?),
+        size: u64::from(field32(12)?),
+        offset: u64::from(field32(16)?),
+        end: tail_start + eocd as u64,
+    };
+    let has_locator = eocd
+        .checked_sub(ZIP64_LOCATOR_LEN)
+        .is_some_and(|pos| bytes.u32(pos) == Some(ZIP64_LOCATOR_SIG));
+    if has_locator {
+        let locator = eocd - ZIP64_LOCATOR_LEN;
+        let zip64_offset = bytes.u64(locator + 8).ok_or_else(not_found)?;
+        // Ask for the central directory too if the plain record knows where it is.
+        let first_needed = match location.offset {
+            offset if offset == u64::from(u32::MAX) => zip64_offset,
+            offset => offset.min(zip64_offset),
+        };
+        let pos = zip64_offset
+            .checked_sub(tail_start)
+            .ok_or(PtError::TailTooShort {
+                needed: file_len.saturating_sub(first_needed),
+            })?;
+        let pos = usize::try_from(pos)
+            .ok()
+            .filter(|&p| p + ZIP64_EOCD_LEN <= locator)
+            .ok_or_else(|| PtError::Zip("zip64 end of central directory out of bounds".into()))?;
+        if bytes.u32(pos) != Some(ZIP64_EOCD_SIG) {
+            return Err(PtError::Zip(
+                "zip64 end of central directory not found".into(),
+            ));
+        }
+        let field64 = |off| bytes.u64(pos + off).ok_or_else(not_found);
+        location = DirectoryLocation {
+            entries: field64(32)?,
+            size: field64(40)?,
+            offset: field64(48)?,
+            end: zip64_offset,
+        };
+    }
+    let cd_end = location.offset.checked_add(location.size);
+    if cd_end.is_none_or(|end| end > location.end) {
+        return Err(PtError::Zip(
+            "central directory overlaps the end records".into(),
+        ));
+    }
+    Ok(location)
+}
+
+/// Parses the central directory header at `*pos` in `cd` and advances `pos`.
+fn parse_central_header(
+    cd: Bytes<'_>,
+    pos: &mut usize,
+    cd_offset: u64,
+) -> Result<ZipEntry, PtError> {
+    let at = *pos;
+    let truncated = || PtError::Zip(format!("central directory truncated at entry byte {at}"));
+    if cd.u32(at) != Some(CENTRAL_SIG) {
+        return Err(PtError::Zip(format!(
+            "bad central directory header at byte {}",
+            cd_offset + at as u64
+        )));
+    }
+    let field16 = |off| cd.u16(at + off).map(usize::from).ok_or_else(truncated);
+    let field32 = |off| cd.u32(at + off).ok_or_else(truncated);
+    let method = field16(10)?;
+    let crc32 = field32(16)?;
+    let mut compressed = u64::from(field32(20)?);
+    let mut size = u64::from(field32(24)?);
+    let (name_len, extra_len, comment_len) = (field16(28)?, field16(30)?, field16(32)?);
+    let mut header_offset = u64::from(field32(42)?);
+    let name_start = at + CENTRAL_HEADER_LEN;
+    let extra_start = name_start + name_len;
+    let end = extra_start + extra_len + comment_len;
+    let name = cd.slice(name_start, name_len).ok_or_else(truncated)?;
+    let name = String::from_utf8(name.to_vec())
+        .map_err(|_| PtError::Zip(format!("entry name at byte {at} is not utf-8")))?;
+    let extra = cd.slice(extra_start, extra_len).ok_or_else(truncated)?;
+    cd.slice(at, end - at).ok_or_else(truncated)?;
+    read_zip64_extra(extra, &mut size, &mut compressed, &mut header_offset)
+        .ok_or_else(|| PtError::Zip(format!("bad zip64 extra field in entry {name}")))?;
+    if method != 0 || compressed != size {
+        return Err(PtError::Zip(format!(
+            "entry {name} is compressed (method {method}); only stored entries are supported"
+        )));
+    }
+    if header_offset
+        .checked_add(size)
+        .is_none_or(|e| e > cd_offset)
+    {
+        return Err(PtError::Zip(format!(
+            "entry {name} overlaps the central directory"
+        )));
+    }
+    *pos = end;
+    Ok(ZipEntry {
+        name,
+        header_offset,
+        size,
+        crc32,
+    })
+}
+
+/// Replaces the 0xFFFFFFFF placeholders by the values of a zip64 extended
+/// information field (`None` if the field is malformed).
+fn read_zip64_extra(
+    extra: &[u8],
+    size: &mut u64,
+    compressed: &mut u64,
+    header_offset: &mut u64,
+) -> Option<()> {
+    let extra = Bytes(extra);
+    let mut pos = 0;
+    while pos + 4 <= extra.0.len() {
+        let (id, len) = (extra.u16(pos)?, usize::from(extra.u16(pos + 2)?));
+        if id == 0x0001 {
+            let mut field = Bytes(extra.slice(pos + 4, len)?);
+            for value in [size, compressed, header_offset] {
+                if *value == u64::from(u32::MAX) {
+                    *value = field.u64(0)?;
+                    field = Bytes(&field.0[8..]);
+                }
+            }
+            return Some(());
+        }
+        pos += 4 + len;
+    }
+    Some(())
+}
+
+/// Bounds-checked little-endian reads.
+#[derive(Clone, Copy)]
+struct Bytes<'a>(&'a [u8]);
+
+impl<'a> Bytes<'a> {
+    fn slice(&self, at: usize, len: usize) -> Option<&'a [u8]> {
+        self.0.get(at..at.checked_add(len)?)
+    }
+
+    fn array<const N: usize>(&self, at: usize) -> Option<[u8; N]> {
+        self.slice(at, N)?.try_into().ok()
+    }
+
+    fn u16(&self, at: usize) -> Option<u16> {
+        self.array(at).map(u16::from_le_bytes)
+    }
+
+    fn u32(&self, at: usize) -> Option<u32> {
+        self.array(at).map(u32::from_le_bytes)
+    }
+
+    fn u64(&self, at: usize) -> Option<u64> {
+        self.array(at).map(u64::from_le_bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn contents(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+        let directory = ZipDirectory::parse_from_tail(bytes, bytes.len() as u64).unwrap();
+        directory
+            .entries()
+            .iter()
+            .map(|e| (e.name.clone(), e.data(bytes).unwrap().to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn written_archives_read_back() {
+        let mut zip = ZipWriter::with_capacity(0);
+        zip.add("a/x", b"hello").unwrap();
+        zip.add("a/empty", b"").unwrap();
+        let mut bytes = zip.finish().unwrap();
+        let expected = vec![
+            ("a/x".to_owned(), b"hello".to_vec()),
+            ("a/empty".to_owned(), Vec::new()),
+        ];
+        assert_eq!(contents(&bytes), expected);
+        // An archive comment does not hide the end record.
+        let comment_len = bytes.len() - 2;
+        bytes[comment_len..].copy_from_slice(&7u16.to_le_bytes());
+        bytes.extend_from_slice(b"comment");
+        assert_eq!(contents(&bytes), expected);
+    }
+
+    #[test]
+    fn reads_zip64_records() {
+        let (name, data) = ("z/data.bin", b"zip64 data");
+        let crc = crc32(data);
+        let mut f = Vec::new();
+        put_u32(&mut f, LOCAL_SIG);
+        f.extend_from_slice(&[45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        put_u32(&mut f, crc);
+        put_u32(&mut f, data.len() as u32);
+        put_u32(&mut f, data.len() as u32);
+        put_u16(&mut f, name.len() as u16);
+        put_u16(&mut f, 0);
+        f.extend_from_slice(name.as_bytes());
+        f.extend_from_slice(data);
+        let cd_offset = f.len() as u64;
+        put_u32(&mut f, CENTRAL_SIG);
+        f.extend_from_slice(&[45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        put_u32(&mut f, crc);
+        put_u32(&mut f, u32::MAX);
+        put_u32(&mut f, u32::MAX);
+        put_u16(&mut f, name.len() as u16);
+        put_u16(&mut f, 28);
+        f.extend_from_slice(&[0; 10]);
+        put_u32(&mut f, u32::MAX);
+        f.extend_from_slice(name.as_bytes());
+        put_u16(&mut f, 1);
+        put_u16(&mut f, 24);
+        for v in [data.len() as u64, data.len() as u64, 0] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+        let cd_size = f.len() as u64 - cd_offset;
+        let zip64_offset = f.len() as u64;
+        put_u32(&mut f, ZIP64_EOCD_SIG);
+        f.extend_from_slice(&44u64.to_le_bytes());
+        f.extend_from_slice(&[45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        for v in [1, 1, cd_size, cd_offset] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+        put_u32(&mut f, ZIP64_LOCATOR_SIG);
+        put_u32(&mut f, 0);
+        f.extend_from_slice(&zip64_offset.to_le_bytes());
+        put_u32(&mut f, 1);
+        put_u32(&mut f, EOCD_SIG);
+        put_u32(&mut f, 0);
+        f.extend_from_slice(&[0xFF; 12]);
+        put_u16(&mut f, 0);
+        assert_eq!(contents(&f), vec![(name.to_owned(), data.to_vec())]);
+    }
+
+    #[test]
+    fn compressed_entries_are_rejected() {
+        let mut zip = ZipWriter::with_capacity(0);
+        zip.add("a/x", b"hello").unwrap();
+        let mut bytes = zip.finish().unwrap();
+        let central = bytes.len() - EOCD_LEN - CENTRAL_HEADER_LEN - 3;
+        bytes[central + 10] = 8; // deflate
+        let err = ZipDirectory::parse_from_tail(&bytes, bytes.len() as u64).unwrap_err();
+        assert!(err.to_string().contains("compressed (method 8)"), "{err}");
+    }
+}
