@@ -4,7 +4,7 @@
 //! [`CaptureRequest`] asks for, from the same pass.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear};
+use candle_nn::Embedding;
 
 use super::config::{Gemma2Config, LayerKind};
 use super::weights::Weights;
@@ -20,12 +20,6 @@ pub struct LayerWants {
     pub attention_heads: bool,
     /// q/k/v projections and the MLP's up, gelu and down activations.
     pub projections: bool,
-}
-
-impl LayerWants {
-    fn any(&self) -> bool {
-        self.residual || self.attention_mean || self.attention_heads || self.projections
-    }
 }
 
 /// Which tensors to record, per layer.
@@ -118,11 +112,34 @@ impl RmsNorm {
     }
 }
 
-fn linear(w: &Weights, name: &str, out_dim: usize, in_dim: usize) -> crate::error::Result<Linear> {
-    Ok(Linear::new(
-        w.get(&format!("{name}.weight"), &[out_dim, in_dim])?,
-        None,
-    ))
+/// A bias-free linear layer, `[out, in]` weights as in the checkpoint.
+#[derive(Debug, Clone)]
+struct Linear {
+    weight: Tensor,
+}
+
+impl Linear {
+    fn load(w: &Weights, name: &str, out_dim: usize, in_dim: usize) -> crate::error::Result<Self> {
+        Ok(Self {
+            weight: w.get(&format!("{name}.weight"), &[out_dim, in_dim])?,
+        })
+    }
+
+    /// `xs @ W^T` for `xs` of shape `[b, t, in]`. A single position (a decode
+    /// step) is computed as `W @ x`, a matrix-vector product that streams the
+    /// row-major weights once, which is about 1.6x faster on the CPU than the
+    /// transposed form.
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, k) = xs.dims3()?;
+        if b * t == 1 {
+            let out = self.weight.matmul(&xs.reshape((k, 1))?)?;
+            out.reshape((1, 1, ()))
+        } else {
+            xs.reshape((b * t, k))?
+                .matmul(&self.weight.t()?)?
+                .reshape((b, t, ()))
+        }
+    }
 }
 
 /// Rotary tables for every position, `[max_positions, head_dim / 2]`.
@@ -212,10 +229,10 @@ impl Attention {
     ) -> crate::error::Result<Self> {
         let (h, q_dim, kv_dim) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
         Ok(Self {
-            q_proj: linear(w, &format!("{prefix}.q_proj"), q_dim, h)?,
-            k_proj: linear(w, &format!("{prefix}.k_proj"), kv_dim, h)?,
-            v_proj: linear(w, &format!("{prefix}.v_proj"), kv_dim, h)?,
-            o_proj: linear(w, &format!("{prefix}.o_proj"), h, q_dim)?,
+            q_proj: Linear::load(w, &format!("{prefix}.q_proj"), q_dim, h)?,
+            k_proj: Linear::load(w, &format!("{prefix}.k_proj"), kv_dim, h)?,
+            v_proj: Linear::load(w, &format!("{prefix}.v_proj"), kv_dim, h)?,
+            o_proj: Linear::load(w, &format!("{prefix}.o_proj"), h, q_dim)?,
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
@@ -306,9 +323,9 @@ impl Mlp {
     fn load(w: &Weights, prefix: &str, cfg: &Gemma2Config) -> crate::error::Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: linear(w, &format!("{prefix}.gate_proj"), i, h)?,
-            up_proj: linear(w, &format!("{prefix}.up_proj"), i, h)?,
-            down_proj: linear(w, &format!("{prefix}.down_proj"), h, i)?,
+            gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), i, h)?,
+            up_proj: Linear::load(w, &format!("{prefix}.up_proj"), i, h)?,
+            down_proj: Linear::load(w, &format!("{prefix}.down_proj"), h, i)?,
         })
     }
 
@@ -496,17 +513,16 @@ impl Gemma2 {
             let wants = request.layers.get(i).copied().unwrap_or_default();
             let mut record = LayerRecord::default();
             xs = layer.forward(xs, &self.rotary, cache, i, wants, &mut record)?;
-            if wants.any() {
-                records.push(record);
-            } else {
-                records.push(LayerRecord::default());
-            }
+            records.push(record);
         }
         cache.len = start + t;
         let last = xs.narrow(1, t - 1, 1)?;
         let last = self.norm.forward(&last)?.squeeze(0)?;
-        let logits = last
-            .matmul(&self.embedding_weight.t()?)?
+        // Tied head as a matrix-vector product (see Linear::forward).
+        let logits = self
+            .embedding_weight
+            .matmul(&last.t()?)?
+            .t()?
             .to_dtype(DType::F32)?;
         let logits = match self.cfg.final_logit_softcapping {
             Some(cap) => ((logits / cap)?.tanh()? * cap)?,

@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 use super::config::Gemma2Config;
 use crate::error::{CaptureError, Result};
@@ -62,8 +64,9 @@ impl Weights {
         })
     }
 
-    /// Random weights with the shapes of `cfg` (benchmarks and tests): normal
-    /// with standard deviation `std`, norms around zero; seeded.
+    /// Random weights with the shapes of `cfg` (benchmarks and tests):
+    /// uniform with standard deviation `std`, norms around zero; the same
+    /// `seed` gives the same weights.
     pub fn random(
         cfg: &Gemma2Config,
         std: f32,
@@ -71,10 +74,14 @@ impl Weights {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        device.set_seed(seed)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut tensors = HashMap::new();
         let mut add = |name: String, shape: &[usize], std: f32| -> Result<()> {
-            let t = Tensor::randn(0f32, std, shape, device)?.to_dtype(dtype)?;
+            // uniform on [-a, a] has standard deviation a / sqrt(3)
+            let a = std * 3f32.sqrt();
+            let numel = shape.iter().product();
+            let values: Vec<f32> = (0..numel).map(|_| rng.random_range(-a..=a)).collect();
+            let t = Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?;
             tensors.insert(name, t);
             Ok(())
         };
