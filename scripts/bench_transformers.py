@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Time the transformers reference at the real gemma-2-2b dimensions.
+
+The competitor of `worker bench`: the same shapes (random weights, f32 on the
+CPU), the same prompt length and number of new tokens, greedy. Three
+workloads:
+
+* plain generation with a KV cache;
+* KV cache plus capture hooks (residuals of every layer and eager attention
+  probabilities, head-averaged, copied off each step): the fair competitor;
+* the original tool's method: full recompute of the whole context at every
+  step, with the same hooks.
+
+Prints seconds per generated token and peak resident memory, as a markdown
+table (and JSON with --json).
+"""
+
+import argparse
+import json
+import resource
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt-tokens", type=int, default=30, help="prompt length including <bos> (default 30)")
+    parser.add_argument("--new-tokens", type=int, default=20, help="generated tokens per workload (default 20)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument(
+        "--workloads", default="plain,hooks,recompute", help="comma-separated subset of plain,hooks,recompute"
+    )
+    parser.add_argument("--json", help="also write the results as JSON here")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.set_num_threads(args.threads)
+    config = Gemma2Config(
+        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+        sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+        max_position_embeddings=8192, attn_implementation="eager",
+    )
+    print("building random weights", flush=True)
+    with torch.device("meta"):
+        model = Gemma2ForCausalLM(config)
+    model = model.to_empty(device="cpu").to(torch.float32).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-0.02 * 3**0.5, 0.02 * 3**0.5, generator=gen)
+    model.tie_weights()
+    prompt = torch.tensor([[2] + [(1000 + 37 * i) % 256000 for i in range(args.prompt_tokens - 1)]])
+
+    captured = []
+
+    def hook(module, inputs, output):
+        captured.append(inputs[0][:, -1].detach().clone())
+        captured.append((output[0] if isinstance(output, tuple) else output)[:, -1].detach().clone())
+
+    def run(kind):
+        handles = []
+        if kind != "plain":
+            handles = [layer.register_forward_hook(hook) for layer in model.model.layers]
+        ids = prompt
+        past = None
+        start = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(args.new_tokens):
+                if kind == "recompute":
+                    out = model(ids, use_cache=False, output_attentions=True)
+                    for a in out.attentions:
+                        captured.append(a[0].mean(0).clone())
+                    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                    ids = torch.cat([ids, nxt], 1)
+                else:
+                    out = model(ids, past_key_values=past, use_cache=True, output_attentions=kind == "hooks")
+                    if kind == "hooks":
+                        for a in out.attentions:
+                            captured.append(a[0].mean(0).clone())
+                    past = out.past_key_values
+                    ids = out.logits[:, -1].argmax(-1, keepdim=True)
+                captured.clear()
+        elapsed = time.perf_counter() - start
+        for h in handles:
+            h.remove()
+        return elapsed / args.new_tokens
+
+    names = {
+        "plain": "transformers: plain generation (KV cache)",
+        "hooks": "transformers: KV cache + capture hooks",
+        "recompute": "transformers: full recompute + hooks (original tool)",
+    }
+    run("plain")  # warm-up
+    rows = []
+    for kind in args.workloads.split(","):
+        seconds = run(kind)
+        rows.append({"workload": names[kind], "seconds_per_token": seconds})
+        print(f"{names[kind]}: {seconds:.3f} s/token", flush=True)
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"\ntorch {torch.__version__}, {args.threads} threads, {args.prompt_tokens}-token prompt, "
+          f"{args.new_tokens} new tokens, peak RSS {peak_gib:.1f} GiB\n")
+    print("| workload | s / generated token |\n|---|---|")
+    for row in rows:
+        print(f"| {row['workload']} | {row['seconds_per_token']:.3f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "peak_rss_gib": peak_gib, "torch": torch.__version__}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
