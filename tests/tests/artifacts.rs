@@ -118,7 +118,7 @@ fn manifest_records_every_artifact_truly() {
             .arg(out.path()),
     );
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("other parameters"));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("other settings (max_new_tokens)"));
 }
 
 #[test]

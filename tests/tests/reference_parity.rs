@@ -56,7 +56,15 @@ fn all_prompt_sets_match_transformers_in_both_modes() {
     let ours = tempfile::tempdir().unwrap();
     for set in SETS {
         for (mode, layers) in [("residual", None), ("internals", Some("all"))] {
-            let mut args = vec!["--prompt-set", set, "--mode", mode];
+            // 30 steps: long enough for the prompts that reach an end token
+            let mut args = vec![
+                "--prompt-set",
+                set,
+                "--mode",
+                mode,
+                "--max-new-tokens",
+                "30",
+            ];
             if let Some(layers) = layers {
                 args.extend(["--layers", layers]);
             }

@@ -47,7 +47,9 @@ pub struct Manifest {
     pub format: String,
     pub code_version: String,
     pub model: ModelIdentity,
-    /// Mode, layers, decoding, storage dtype, replay source.
+    /// Decoding, end tokens, storage dtype, replay source, chat template and
+    /// device: what every artifact under the root shares. Mode, prompt set
+    /// and layer are per artifact.
     pub parameters: serde_json::Value,
     pub artifacts: Vec<ArtifactEntry>,
 }

@@ -131,7 +131,6 @@ pub fn run_capture(options: &CaptureOptions) -> Result<CaptureSummary> {
         compute_dtype: dtype_name(compute_dtype).into(),
     };
     let parameters = json!({
-        "mode": mode,
         "max_new_tokens": options.max_new_tokens,
         "sampling": options.sampling,
         "eos_token_ids": meta.eos_ids,
@@ -245,10 +244,25 @@ fn existing_manifest(
         return Ok(None);
     }
     let manifest = Manifest::read(path)?;
-    if &manifest.model != identity || &manifest.parameters != parameters {
+    let mut differences = Vec::new();
+    if &manifest.model != identity {
+        differences.push("model".to_string());
+    }
+    if let (Some(old), Some(new)) = (manifest.parameters.as_object(), parameters.as_object()) {
+        let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+        differences.extend(
+            keys.into_iter()
+                .filter(|k| old.get(*k) != new.get(*k))
+                .cloned(),
+        );
+    } else if &manifest.parameters != parameters {
+        differences.push("parameters".to_string());
+    }
+    if !differences.is_empty() {
         return Err(CaptureError::InvalidArgument(format!(
-            "{} holds a capture made with another model or other parameters: choose a new --out directory",
-            path.display()
+            "{} holds a capture made with other settings ({}): choose a new --out directory",
+            path.display(),
+            differences.join(", ")
         )));
     }
     Ok(Some(manifest))
