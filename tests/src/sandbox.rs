@@ -113,3 +113,43 @@ pub fn files_below(dir: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// `worker capture --model MODEL --out OUT --quiet extra...`, which must succeed.
+pub fn rust_capture(model: &Path, out: &Path, extra: &[&str]) {
+    run_ok(
+        worker()
+            .arg("capture")
+            .arg("--model")
+            .arg(model)
+            .arg("--out")
+            .arg(out)
+            .arg("--quiet")
+            .args(extra),
+    );
+}
+
+/// The transformers reference capture (scripts/reference_capture.py) with the
+/// same flags, which must succeed.
+pub fn reference_capture(model: &Path, out: &Path, extra: &[&str]) {
+    run_ok(
+        python_script("reference_capture.py")
+            .arg("--model")
+            .arg(model)
+            .arg("--out")
+            .arg(out)
+            .args(extra),
+    );
+}
+
+/// scripts/compare_captures.py EXPECTED ACTUAL extra...: loads every artifact
+/// with `torch.load(weights_only=True)` and compares structure and values;
+/// panics with its report on any difference. Returns the report.
+pub fn compare_captures(expected: &Path, actual: &Path, extra: &[&str]) -> String {
+    let out = run_ok(
+        python_script("compare_captures.py")
+            .arg(expected)
+            .arg(actual)
+            .args(extra),
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

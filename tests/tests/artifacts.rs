@@ -4,30 +4,10 @@
 
 use std::path::Path;
 
-use capture_tests::sandbox::{files_below, python_script, run_ok, tiny_model, worker};
+use capture_tests::sandbox::{
+    compare_captures, files_below, python_script, run_ok, rust_capture, tiny_model, worker,
+};
 use sha2::{Digest, Sha256};
-
-fn rust_capture(model: &Path, out: &Path, extra: &[&str]) {
-    run_ok(
-        worker()
-            .arg("capture")
-            .arg("--model")
-            .arg(model)
-            .arg("--out")
-            .arg(out)
-            .arg("--quiet")
-            .args(extra),
-    );
-}
-
-fn compare(expected: &Path, actual: &Path, extra: &[&str]) {
-    run_ok(
-        python_script("compare_captures.py")
-            .arg(expected)
-            .arg(actual)
-            .args(extra),
-    );
-}
 
 fn capture_both_modes(model: &Path, out: &Path, extra: &[&str]) {
     for mode in [
@@ -57,7 +37,7 @@ fn every_store_dtype_loads_with_torch_weights_only() {
         capture_both_modes(&model, dir.path(), &["--store-dtype", dtype]);
         // compare_captures loads every file with torch.load(weights_only=True)
         // and checks the stored dtype
-        compare(
+        compare_captures(
             f32_dir.path(),
             dir.path(),
             &["--atol", "2e-2", "--rtol", "1e-2", "--expect-dtype", dtype],
@@ -157,5 +137,5 @@ fn hub_style_config_and_sharded_weights_capture_identically() {
     ];
     rust_capture(&tiny_model(), a.path(), &args);
     rust_capture(variant.path(), b.path(), &args);
-    compare(a.path(), b.path(), &["--atol", "0"]);
+    compare_captures(a.path(), b.path(), &["--atol", "0"]);
 }

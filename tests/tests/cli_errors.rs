@@ -5,16 +5,17 @@ use std::path::Path;
 
 use capture_tests::sandbox::{files_below, run, tiny_model, worker};
 
-/// Runs `worker capture` with `args` into a fresh output root and checks it
-/// fails with a message containing every one of `expected`, writing nothing.
+/// Runs `worker capture` with `args` (on the tiny model unless they name a
+/// `--model`) into a fresh output root and checks it fails with a message
+/// containing every one of `expected`, writing nothing.
 fn assert_rejected(args: &[&str], expected: &[&str]) {
     let out = tempfile::tempdir().unwrap();
-    let output = run(worker()
-        .arg("capture")
-        .args(args)
-        .arg("--out")
-        .arg(out.path())
-        .arg("--quiet"));
+    let mut cmd = worker();
+    cmd.arg("capture");
+    if !args.contains(&"--model") {
+        cmd.arg("--model").arg(tiny_model());
+    }
+    let output = run(cmd.args(args).arg("--out").arg(out.path()).arg("--quiet"));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         !output.status.success(),
@@ -34,10 +35,6 @@ fn assert_rejected(args: &[&str], expected: &[&str]) {
     );
 }
 
-fn model() -> String {
-    tiny_model().display().to_string()
-}
-
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {
     let path = dir.join(name);
     std::fs::write(&path, bytes).unwrap();
@@ -47,28 +44,14 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {
 #[test]
 fn unknown_prompt_set_lists_the_known_ones() {
     assert_rejected(
-        &[
-            "--model",
-            &model(),
-            "--prompt-set",
-            "nope",
-            "--mode",
-            "residual",
-        ],
+        &["--prompt-set", "nope", "--mode", "residual"],
         &[
             "unknown prompt set \"nope\"",
             "adversarial, baseline, dynamic, multi_trait, real_world, single_trait",
         ],
     );
     assert_rejected(
-        &[
-            "--model",
-            &model(),
-            "--prompt-set",
-            "../x",
-            "--mode",
-            "residual",
-        ],
+        &["--prompt-set", "../x", "--mode", "residual"],
         &["unknown prompt set"],
     );
 }
@@ -77,8 +60,6 @@ fn unknown_prompt_set_lists_the_known_ones() {
 fn layer_out_of_range() {
     assert_rejected(
         &[
-            "--model",
-            &model(),
             "--prompt",
             "hello",
             "--mode",
@@ -90,31 +71,14 @@ fn layer_out_of_range() {
     );
     // the default layer 16 does not exist in a 4-layer model either
     assert_rejected(
-        &[
-            "--model",
-            &model(),
-            "--prompt",
-            "hello",
-            "--mode",
-            "internals",
-        ],
+        &["--prompt", "hello", "--mode", "internals"],
         &["layer 16 is out of range"],
     );
 }
 
 #[test]
 fn empty_prompts() {
-    assert_rejected(
-        &[
-            "--model",
-            &model(),
-            "--prompt",
-            "  \n ",
-            "--mode",
-            "residual",
-        ],
-        &["empty"],
-    );
+    assert_rejected(&["--prompt", "  \n ", "--mode", "residual"], &["empty"]);
     let dir = tempfile::tempdir().unwrap();
     let file = write(
         dir.path(),
@@ -122,14 +86,7 @@ fn empty_prompts() {
         br#"{"prompts": [{"id": 1, "text": "ok"}, {"id": 2, "text": " "}]}"#,
     );
     assert_rejected(
-        &[
-            "--model",
-            &model(),
-            "--prompt-file",
-            &file,
-            "--mode",
-            "residual",
-        ],
+        &["--prompt-file", &file, "--mode", "residual"],
         &["prompt \"2\"", "empty text"],
     );
 }
@@ -143,29 +100,14 @@ fn non_utf8_prompt_file_and_argument() {
         b"{\"prompts\": [{\"id\": 1, \"text\": \"caf\xe9\"}]}",
     );
     assert_rejected(
-        &[
-            "--model",
-            &model(),
-            "--prompt-file",
-            &file,
-            "--mode",
-            "residual",
-        ],
+        &["--prompt-file", &file, "--mode", "residual"],
         &["not valid UTF-8", "offset 35"],
     );
 
     use std::os::unix::ffi::OsStrExt;
     let out = tempfile::tempdir().unwrap();
     let output = run(worker()
-        .args([
-            "capture",
-            "--model",
-            &model(),
-            "--mode",
-            "residual",
-            "--quiet",
-            "--prompt",
-        ])
+        .args(["capture", "--mode", "residual", "--quiet", "--prompt"])
         .arg(std::ffi::OsStr::from_bytes(b"caf\xe9"))
         .arg("--out")
         .arg(out.path()));
@@ -179,8 +121,6 @@ fn prompt_beyond_the_context() {
     // the tiny model has 512 positions
     assert_rejected(
         &[
-            "--model",
-            &model(),
             "--prompt",
             "hello there",
             "--mode",
@@ -201,14 +141,7 @@ fn malformed_prompt_file_names_line_and_column() {
         b"{\n  \"prompts\": [\n    {\"id\": 1, \"text\": \"a\",}\n  ]\n}\n",
     );
     assert_rejected(
-        &[
-            "--model",
-            &model(),
-            "--prompt-file",
-            &file,
-            "--mode",
-            "residual",
-        ],
+        &["--prompt-file", &file, "--mode", "residual"],
         &["broken.json", "line 3, column"],
     );
 }
@@ -222,14 +155,7 @@ fn duplicate_prompt_ids() {
         br#"{"prompts": [{"id": 7, "text": "a"}, {"id": "7", "text": "b"}]}"#,
     );
     assert_rejected(
-        &[
-            "--model",
-            &model(),
-            "--prompt-file",
-            &file,
-            "--mode",
-            "residual",
-        ],
+        &["--prompt-file", &file, "--mode", "residual"],
         &["duplicate prompt id \"7\""],
     );
 }
@@ -243,14 +169,7 @@ fn unsafe_set_and_prompt_names() {
         br#"{"prompts": [{"id": 1, "text": "a"}]}"#,
     );
     assert_rejected(
-        &[
-            "--model",
-            &model(),
-            "--prompt-file",
-            &file,
-            "--mode",
-            "residual",
-        ],
+        &["--prompt-file", &file, "--mode", "residual"],
         &["unsafe prompt set name \"my set\""],
     );
     let file = write(
@@ -259,14 +178,7 @@ fn unsafe_set_and_prompt_names() {
         br#"{"prompts": [{"id": "../../etc", "text": "a"}]}"#,
     );
     assert_rejected(
-        &[
-            "--model",
-            &model(),
-            "--prompt-file",
-            &file,
-            "--mode",
-            "residual",
-        ],
+        &["--prompt-file", &file, "--mode", "residual"],
         &["unsafe prompt id"],
     );
 }
@@ -323,8 +235,6 @@ fn missing_and_inconsistent_model_files() {
 fn sampling_flags_are_checked() {
     assert_rejected(
         &[
-            "--model",
-            &model(),
             "--prompt",
             "hi",
             "--mode",
@@ -339,8 +249,6 @@ fn sampling_flags_are_checked() {
     // --temperature without --seed is refused by the parser
     assert_rejected(
         &[
-            "--model",
-            &model(),
             "--prompt",
             "hi",
             "--mode",

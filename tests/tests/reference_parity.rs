@@ -2,9 +2,7 @@
 //! recompute every step, as the original tool captured): every tensor of both
 //! modes for all six prompt sets, greedy and replayed, within 1e-4 in f32.
 
-use std::path::Path;
-
-use capture_tests::sandbox::{python_script, run_ok, tiny_model, worker};
+use capture_tests::sandbox::{compare_captures, reference_capture, rust_capture, tiny_model};
 
 const SETS: [&str; 6] = [
     "single_trait",
@@ -14,40 +12,6 @@ const SETS: [&str; 6] = [
     "adversarial",
     "real_world",
 ];
-
-fn rust_capture(model: &Path, out: &Path, extra: &[&str]) {
-    run_ok(
-        worker()
-            .arg("capture")
-            .arg("--model")
-            .arg(model)
-            .arg("--out")
-            .arg(out)
-            .arg("--quiet")
-            .args(extra),
-    );
-}
-
-fn reference_capture(model: &Path, out: &Path, extra: &[&str]) {
-    run_ok(
-        python_script("reference_capture.py")
-            .arg("--model")
-            .arg(model)
-            .arg("--out")
-            .arg(out)
-            .args(extra),
-    );
-}
-
-fn compare(expected: &Path, actual: &Path, extra: &[&str]) -> String {
-    let out = run_ok(
-        python_script("compare_captures.py")
-            .arg(expected)
-            .arg(actual)
-            .args(extra),
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 #[test]
 fn all_prompt_sets_match_transformers_in_both_modes() {
@@ -72,7 +36,7 @@ fn all_prompt_sets_match_transformers_in_both_modes() {
             rust_capture(&model, ours.path(), &args);
         }
     }
-    let report = compare(
+    let report = compare_captures(
         reference.path(),
         ours.path(),
         &["--atol", "1e-4", "--expect-dtype", "f32"],
@@ -98,12 +62,12 @@ fn replayed_sampled_responses_match_transformers() {
     let ours_residual = tempfile::tempdir().unwrap();
     let residual = [&set[..], &["--mode", "residual"], &replay[..]].concat();
     rust_capture(&model, ours_residual.path(), &residual);
-    compare(sampled.path(), ours_residual.path(), &["--atol", "1e-4"]);
+    compare_captures(sampled.path(), ours_residual.path(), &["--atol", "1e-4"]);
 
     // and agrees with transformers teacher-forced on the same tokens
     let reference_residual = tempfile::tempdir().unwrap();
     reference_capture(&model, reference_residual.path(), &residual);
-    compare(
+    compare_captures(
         reference_residual.path(),
         ours_residual.path(),
         &["--atol", "1e-4"],
@@ -119,7 +83,7 @@ fn replayed_sampled_responses_match_transformers() {
     let ours_internals = tempfile::tempdir().unwrap();
     reference_capture(&model, reference_internals.path(), &internals);
     rust_capture(&model, ours_internals.path(), &internals);
-    compare(
+    compare_captures(
         reference_internals.path(),
         ours_internals.path(),
         &["--atol", "1e-4", "--expect-dtype", "f32"],

@@ -13,6 +13,21 @@ pub enum LayerKind {
     Full,
 }
 
+impl LayerKind {
+    /// Gemma-2's pattern: even-numbered layers slide, odd ones attend fully.
+    pub fn alternating(num_layers: usize) -> Vec<LayerKind> {
+        (0..num_layers)
+            .map(|i| {
+                if i % 2 == 0 {
+                    LayerKind::Sliding
+                } else {
+                    LayerKind::Full
+                }
+            })
+            .collect()
+    }
+}
+
 /// The architecture parameters of a Gemma-2 checkpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Gemma2Config {
@@ -167,15 +182,7 @@ impl Gemma2Config {
             }
             // transformers' rule for Gemma-2 configs without layer_types:
             // even-numbered layers slide.
-            None => (0..raw.num_hidden_layers)
-                .map(|i| {
-                    if i % 2 == 0 {
-                        LayerKind::Sliding
-                    } else {
-                        LayerKind::Full
-                    }
-                })
-                .collect(),
+            None => LayerKind::alternating(raw.num_hidden_layers),
         };
         let sliding_window = raw.sliding_window.unwrap_or(4096);
         if sliding_window == 0 {
@@ -222,15 +229,7 @@ impl Gemma2Config {
             final_logit_softcapping: Some(30.0),
             sliding_window: 4096,
             max_position_embeddings: 8192,
-            layer_kinds: (0..26)
-                .map(|i| {
-                    if i % 2 == 0 {
-                        LayerKind::Sliding
-                    } else {
-                        LayerKind::Full
-                    }
-                })
-                .collect(),
+            layer_kinds: LayerKind::alternating(26),
             bos_token_id: 2,
             eos_token_ids: vec![1, 107],
         }
