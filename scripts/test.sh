@@ -20,6 +20,12 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
 fi
 export CAPTURE_PYTHON="$venv/bin/python"
 
+echo "== services (PostgreSQL, moto S3) on loopback"
+source scripts/services.sh
+start_postgres
+start_moto
+trap stop_services EXIT
+
 echo "== building"
 cargo build --workspace --bins --locked
 echo "== testing"
