@@ -29,4 +29,11 @@ trap stop_services EXIT
 echo "== building"
 cargo build --workspace --bins --locked
 echo "== testing"
-cargo test --workspace --locked -- "$@"
+log="$(mktemp)"
+status=0
+cargo test --workspace --locked -- "$@" 2>&1 | tee "$log" || status=$?
+# One closing line over every test binary (the last binary cargo runs is a
+# doc-test harness with no tests, which would otherwise close the output).
+grep -E '^test result:' "$log" | awk '{p += $4; f += $6} END {printf "all tests: %d passed, %d failed\n", p, f}'
+rm -f "$log"
+exit "$status"
