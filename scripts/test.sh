@@ -34,6 +34,6 @@ status=0
 cargo test --workspace --locked -- "$@" 2>&1 | tee "$log" || status=$?
 # One closing line over every test binary (the last binary cargo runs is a
 # doc-test harness with no tests, which would otherwise close the output).
-grep -E '^test result:' "$log" | awk '{p += $4; f += $6} END {printf "all tests: %d passed, %d failed\n", p, f}'
+grep -E '^test result:' "$log" | awk '{p += $4; f += $6} END {printf "tests: %d passed, %d failed\n", p, f}'
 rm -f "$log"
 exit "$status"
