@@ -139,3 +139,41 @@ fn hub_style_config_and_sharded_weights_capture_identically() {
     rust_capture(variant.path(), b.path(), &args);
     compare_captures(a.path(), b.path(), &["--atol", "0"]);
 }
+
+#[test]
+fn sampling_is_reproducible_from_the_seed() {
+    let sample = |seed: &str| {
+        let out = tempfile::tempdir().unwrap();
+        rust_capture(
+            &tiny_model(),
+            out.path(),
+            &[
+                "--prompt-set",
+                "baseline",
+                "--mode",
+                "residual",
+                "--max-new-tokens",
+                "8",
+                "--temperature",
+                "1.5",
+                "--top-p",
+                "0.9",
+                "--seed",
+                seed,
+            ],
+        );
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.path().join("manifest.json")).unwrap())
+                .unwrap();
+        let hashes: Vec<String> = manifest["artifacts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["sha256"].as_str().unwrap().to_string())
+            .collect();
+        hashes
+    };
+    let first = sample("42");
+    assert_eq!(first, sample("42"), "same seed, same artifacts");
+    assert_ne!(first, sample("43"), "another seed, other responses");
+}
