@@ -12,6 +12,7 @@ pub mod model_files;
 pub mod prompts;
 pub mod pt;
 pub mod run;
+pub mod store;
 pub mod tokenizer;
 
 pub use error::CaptureError;

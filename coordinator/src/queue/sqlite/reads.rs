@@ -1,0 +1,141 @@
+//! Read-side queries of `SqliteQueue` (run status, listings) and the
+//! workers table.
+
+use sqlx::Row;
+
+use super::rows::id_text;
+use super::{BEGIN_WRITE, SqliteQueue, now_millis, rows};
+use crate::queue::{
+    ArtifactRecord, AttemptRecord, JobCounts, JobId, JobRecord, QueueError, RunFilter, RunId,
+    RunRecord, RunState, RunStatus, WorkerRecord, WorkerSeen,
+};
+
+impl SqliteQueue {
+    pub(super) async fn read_run_status(&self, run: RunId) -> Result<RunStatus, QueueError> {
+        let run_id = id_text(run.0);
+        let mut tx = self.pool.begin().await?;
+        let run_row = sqlx::query("SELECT * FROM runs WHERE id = ?1")
+            .bind(&run_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| QueueError::NotFound {
+                what: "run",
+                id: run.to_string(),
+            })?;
+        let mut jobs = JobCounts::default();
+        for row in
+            sqlx::query("SELECT state, count(*) AS jobs FROM jobs WHERE run_id = ?1 GROUP BY state")
+                .bind(&run_id)
+                .fetch_all(&mut *tx)
+                .await?
+        {
+            jobs.add(
+                row.try_get::<String, _>("state")?.parse()?,
+                row.try_get("jobs")?,
+            );
+        }
+        let artifacts =
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM artifacts WHERE run_id = ?1")
+                .bind(&run_id)
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok(RunStatus {
+            run: rows::run_from_row(&run_row)?,
+            jobs,
+            artifacts,
+        })
+    }
+
+    pub(super) async fn read_runs(&self, filter: &RunFilter) -> Result<Vec<RunRecord>, QueueError> {
+        sqlx::query(include_str!("list_runs.sql"))
+            .bind(filter.experiment.as_deref())
+            .bind(filter.state.map(RunState::as_str))
+            .bind(i64::from(filter.limit))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(rows::run_from_row)
+            .collect()
+    }
+
+    pub(super) async fn read_job(&self, job: JobId) -> Result<JobRecord, QueueError> {
+        let row = sqlx::query("SELECT * FROM jobs WHERE id = ?1")
+            .bind(id_text(job.0))
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| QueueError::NotFound {
+                what: "job",
+                id: job.to_string(),
+            })?;
+        rows::job_from_row(&row)
+    }
+
+    pub(super) async fn read_jobs(&self, run: RunId) -> Result<Vec<JobRecord>, QueueError> {
+        self.fetch_run(run).await?;
+        sqlx::query("SELECT * FROM jobs WHERE run_id = ?1 ORDER BY created_at, id")
+            .bind(id_text(run.0))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(rows::job_from_row)
+            .collect()
+    }
+
+    pub(super) async fn read_attempts(&self, run: RunId) -> Result<Vec<AttemptRecord>, QueueError> {
+        self.fetch_run(run).await?;
+        sqlx::query(
+            "SELECT attempts.* FROM attempts JOIN jobs ON jobs.id = attempts.job_id
+             WHERE jobs.run_id = ?1 ORDER BY attempts.job_id, attempts.attempt",
+        )
+        .bind(id_text(run.0))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(rows::attempt_from_row)
+        .collect()
+    }
+
+    pub(super) async fn read_artifacts(
+        &self,
+        run: RunId,
+    ) -> Result<Vec<ArtifactRecord>, QueueError> {
+        self.fetch_run(run).await?;
+        sqlx::query("SELECT * FROM artifacts WHERE run_id = ?1 ORDER BY artifact_key")
+            .bind(id_text(run.0))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(rows::artifact_from_row)
+            .collect()
+    }
+
+    pub(super) async fn upsert_worker(&self, worker: &WorkerSeen) -> Result<(), QueueError> {
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await?;
+        sqlx::query(
+            "INSERT INTO workers (id, model_id, model_revision, state, first_seen_at, last_seen_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+             ON CONFLICT (id) DO UPDATE SET model_id = excluded.model_id,
+                 model_revision = excluded.model_revision, state = excluded.state,
+                 last_seen_at = excluded.last_seen_at",
+        )
+        .bind(&worker.worker_id)
+        .bind(&worker.model.id)
+        .bind(&worker.model.revision)
+        .bind(worker.state.as_str())
+        .bind(now_millis())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn read_workers(&self) -> Result<Vec<WorkerRecord>, QueueError> {
+        sqlx::query("SELECT * FROM workers ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(rows::worker_from_row)
+            .collect()
+    }
+}
