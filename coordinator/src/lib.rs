@@ -15,6 +15,8 @@
 //! # }
 //! ```
 
+pub mod bench_queue;
+pub mod cli;
 pub mod queue;
 
 pub use queue::{JobQueue, Queue, QueueError};

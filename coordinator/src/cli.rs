@@ -1,0 +1,215 @@
+//! The `coordinator` command line: argument definitions and the library
+//! function each subcommand runs, so that `main.rs` only parses, sets up
+//! tracing and calls [`run`].
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use crate::bench_queue::{BenchQueueConfig, bench_queue};
+
+/// Coordinator of capture runs: owns the job queue (Postgres for a cluster,
+/// SQLite embedded) that workers claim capture jobs from.
+#[derive(Debug, Parser)]
+#[command(name = "coordinator", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or upgrade the job queue's schema, then exit.
+    ///
+    /// Applies the embedded migrations that have not run yet; running it
+    /// again is a no-op. Example:
+    ///
+    ///   coordinator migrate --database-url postgres://capture:capture@127.0.0.1:5432/capture
+    Migrate(DatabaseArgs),
+    /// Measure job queue throughput with synthetic jobs, then verify them.
+    ///
+    /// Creates one run of --jobs jobs under a fresh experiment name
+    /// (bench-queue-<run id>) and a model no real worker serves, then runs
+    /// --workers concurrent loops that each claim a job and complete it with
+    /// one small artifact row, until no job is left. Prints a markdown table:
+    /// job transitions per second (claims + completions over wall time),
+    /// p50/p99 latency of claim and of complete, and wall time. Then checks
+    /// the queue's own records (list_jobs, list_attempts, run_status): every
+    /// job must have succeeded exactly once, on attempt 1. Exits non-zero if
+    /// not. The run stays in the database; use a scratch database. Example:
+    ///
+    ///   createdb capture_bench
+    ///
+    ///   coordinator bench-queue --database-url postgres://capture:capture@127.0.0.1:5432/capture_bench --workers 16 --jobs 5000
+    BenchQueue(BenchQueueArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DatabaseArgs {
+    /// The queue's database: postgres://USER:PASS@HOST:PORT/DB, or
+    /// sqlite://PATH?mode=rwc for an embedded file (created if missing).
+    #[arg(long, env = "DATABASE_URL", value_name = "URL", hide_env_values = true)]
+    pub database_url: String,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchQueueArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Concurrent claim -> complete loops (tokio tasks sharing one pool;
+    /// the Postgres pool holds at most 16 connections).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub workers: u32,
+    /// Jobs in the benchmark run.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub jobs: u32,
+    /// Lease each claim asks for, in milliseconds. Keep it longer than the
+    /// whole benchmark: an expired lease makes the verification fail.
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..=604_800_000))]
+    pub lease_ms: u64,
+}
+
+/// Runs the parsed command; the exit code is a failure when a benchmark's
+/// verification found problems.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Migrate(args) => migrate(&args).await,
+        Command::BenchQueue(args) => run_bench_queue(&args).await,
+    }
+}
+
+async fn migrate(args: &DatabaseArgs) -> anyhow::Result<ExitCode> {
+    let shown_url = redact_database_url(&args.database_url);
+    let queue = crate::connect(&args.database_url)
+        .await
+        .with_context(|| format!("migrating {shown_url}"))?;
+    println!(
+        "migrations applied to {shown_url} ({})",
+        queue.backend_name()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_bench_queue(args: &BenchQueueArgs) -> anyhow::Result<ExitCode> {
+    let shown_url = redact_database_url(&args.database.database_url);
+    let queue = crate::connect(&args.database.database_url)
+        .await
+        .with_context(|| format!("opening the queue at {shown_url}"))?;
+    let config = BenchQueueConfig {
+        workers: args.workers as usize,
+        jobs: args.jobs as usize,
+        lease: Duration::from_millis(args.lease_ms),
+    };
+    tracing::info!(
+        database = %shown_url,
+        workers = config.workers,
+        jobs = config.jobs,
+        "starting queue benchmark"
+    );
+    let report = bench_queue(&queue, config)
+        .await
+        .with_context(|| format!("benchmarking the queue at {shown_url}"))?;
+    println!("{}", report.to_markdown());
+    if report.is_clean() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!(
+        "verification failed: {} of {} jobs succeeded exactly once (run {})",
+        report.jobs_succeeded_once, config.jobs, report.run_id
+    );
+    for problem in &report.problems {
+        eprintln!("  {problem}");
+    }
+    Ok(ExitCode::FAILURE)
+}
+
+/// `url` with any password replaced by `***`, both in the user info
+/// (`postgres://user:***@host/db`) and in a `password=` query parameter.
+pub fn redact_database_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest_start = scheme_end + 3;
+    let (scheme, rest) = url.split_at(rest_start);
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path_and_query) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((user_info, host)) => match user_info.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            None => authority.to_owned(),
+        },
+        None => authority.to_owned(),
+    };
+    let path_and_query = match path_and_query.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _)) if key.eq_ignore_ascii_case("password") => {
+                        format!("{key}=***")
+                    }
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => path_and_query.to_owned(),
+    };
+    format!("{scheme}{authority}{path_and_query}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn redacts_passwords_and_keeps_the_rest() {
+        assert_eq!(
+            redact_database_url("postgres://capture:s3cret@127.0.0.1:5432/capture_bench"),
+            "postgres://capture:***@127.0.0.1:5432/capture_bench"
+        );
+        assert_eq!(
+            redact_database_url("postgresql://user:p@ss@host/db?sslmode=disable&password=x"),
+            "postgresql://user:***@host/db?sslmode=disable&password=***"
+        );
+        assert_eq!(
+            redact_database_url("postgres://capture@host/db"),
+            "postgres://capture@host/db"
+        );
+        assert_eq!(
+            redact_database_url("sqlite://state/queue.db?mode=rwc"),
+            "sqlite://state/queue.db?mode=rwc"
+        );
+        assert_eq!(redact_database_url("sqlite::memory:"), "sqlite::memory:");
+    }
+
+    #[test]
+    fn cli_definition_is_valid_and_parses_bench_defaults() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "coordinator",
+            "bench-queue",
+            "--database-url",
+            "sqlite://x.db?mode=rwc",
+        ])
+        .unwrap();
+        let Command::BenchQueue(args) = cli.command else {
+            panic!("expected bench-queue");
+        };
+        assert_eq!((args.workers, args.jobs, args.lease_ms), (16, 5000, 30_000));
+        assert!(
+            Cli::try_parse_from([
+                "coordinator",
+                "bench-queue",
+                "--database-url",
+                "x",
+                "--workers",
+                "0"
+            ])
+            .is_err()
+        );
+    }
+}
