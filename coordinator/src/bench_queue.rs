@@ -343,6 +343,7 @@ fn bench_run_spec(experiment: &str, model: &ModelRef) -> RunSpec {
             top_p: None,
             seed: None,
             chat_template: false,
+            replay: None,
         },
         store_dtype: "f32".to_owned(),
         shard_size: 1,

@@ -9,9 +9,11 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::bench_queue::{BenchQueueConfig, bench_queue};
+use crate::client::{RunArgs, RunsArgs, StatusArgs, SubmitArgs};
 
 /// Coordinator of capture runs: owns the job queue (Postgres for a cluster,
-/// SQLite embedded) that workers claim capture jobs from.
+/// SQLite embedded) that workers claim capture jobs from, and the client
+/// commands that submit and follow runs.
 #[derive(Debug, Parser)]
 #[command(name = "coordinator", version, about, long_about = None)]
 pub struct Cli {
@@ -28,6 +30,15 @@ pub enum Command {
     ///
     ///   coordinator migrate --database-url postgres://capture:capture@127.0.0.1:5432/capture
     Migrate(DatabaseArgs),
+    /// Serve the coordinator: the gRPC CaptureService and WorkerService and grpc.health.v1.
+    ///
+    /// Applies the queue's migrations, then hands jobs to workers under
+    /// fenced leases, re-queues expired leases, promotes accepted attempts'
+    /// artifacts to their documented keys and writes each finished run's
+    /// manifest.json at its root. Stops on SIGTERM or Ctrl-C. Example:
+    ///
+    ///   coordinator serve --database-url postgres://capture:capture@127.0.0.1:5432/capture --store s3://my-bucket/captures --listen 0.0.0.0:50051
+    Serve(crate::server::ServeArgs),
     /// Measure job queue throughput with synthetic jobs, then verify them.
     ///
     /// Creates one run of --jobs jobs under a fresh experiment name
@@ -44,6 +55,59 @@ pub enum Command {
     ///
     ///   coordinator bench-queue --database-url postgres://capture:capture@127.0.0.1:5432/capture_bench --workers 16 --jobs 5000
     BenchQueue(BenchQueueArgs),
+    /// Submit a run of captures; print its id, and with --wait follow it to the end.
+    ///
+    /// The run is split into jobs of at most --shard-size prompts of one
+    /// prompt set and one capture mode, which workers pull from the
+    /// coordinator's queue; artifacts go below the run's artifact root in the
+    /// object store (printed on stderr). Prompt files are read here and sent
+    /// to the coordinator, which checks everything before queueing anything.
+    ///
+    /// Prints the run id on stdout. With --wait, shows a progress bar (jobs
+    /// done / total, tokens captured, state) until the run ends, riding out
+    /// coordinator restarts, and exits 1 with the dead jobs' last errors if
+    /// a job is dead or the run was cancelled. With --json, prints one JSON
+    /// object instead (run_id, job_count, artifact_root, and with --wait the
+    /// outcome).
+    ///
+    /// With --coordinator URL (or CAPTURE_COORDINATOR) the run goes to that
+    /// coordinator (`coordinator serve`); without, an embedded coordinator
+    /// runs it in this process. Examples:
+    ///
+    ///   coordinator submit --coordinator http://10.0.0.5:50051 --prompt-set dynamic --wait
+    ///
+    ///   coordinator submit --prompt-set adversarial --prompt-file my_prompts.json --mode both --layers 0,12
+    ///
+    ///   coordinator submit --prompt-set baseline --experiment exp1 --temperature 0.7 --seed 1 --json
+    Submit(SubmitArgs),
+    /// Show a run: state, job counts, timings, artifact root and totals.
+    ///
+    /// With --jobs, also a table of its jobs: key, state, attempt / max
+    /// attempts, worker and last error. Example:
+    ///
+    ///   coordinator status 0190f5c2-7a3e-7b1c-9d2a-3c4b5d6e7f80 --jobs --coordinator http://10.0.0.5:50051
+    Status(StatusArgs),
+    /// List runs, newest first.
+    ///
+    /// Shows id, state, experiment, model, finished / total jobs, dead
+    /// jobs, tokens captured and creation time of at most --limit runs.
+    /// Example:
+    ///
+    ///   coordinator runs --experiment exp1 --state failed --limit 10 --coordinator http://10.0.0.5:50051
+    Runs(RunsArgs),
+    /// Cancel a run: its queued jobs are dropped and its workers told to stop.
+    ///
+    /// Jobs that already succeeded keep their artifacts. A run that already
+    /// finished cannot be cancelled. Example:
+    ///
+    ///   coordinator cancel 0190f5c2-7a3e-7b1c-9d2a-3c4b5d6e7f80 --coordinator http://10.0.0.5:50051
+    Cancel(RunArgs),
+    /// Queue a run's dead jobs again, with a fresh retry budget.
+    ///
+    /// Jobs that succeeded are not run again. Example:
+    ///
+    ///   coordinator retry 0190f5c2-7a3e-7b1c-9d2a-3c4b5d6e7f80 --coordinator http://10.0.0.5:50051
+    Retry(RunArgs),
 }
 
 #[derive(Debug, Args)]
@@ -76,7 +140,16 @@ pub struct BenchQueueArgs {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Migrate(args) => migrate(&args).await,
+        Command::Serve(args) => crate::server::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::BenchQueue(args) => run_bench_queue(&args).await,
+        Command::Submit(args) => match args.connection.coordinator {
+            Some(_) => crate::client::submit_command(&args).await,
+            None => crate::embedded::submit(&args).await,
+        },
+        Command::Status(args) => crate::client::status_command(&args).await,
+        Command::Runs(args) => crate::client::runs_command(&args).await,
+        Command::Cancel(args) => crate::client::cancel_command(&args).await,
+        Command::Retry(args) => crate::client::retry_command(&args).await,
     }
 }
 

@@ -17,7 +17,12 @@
 
 pub mod bench_queue;
 pub mod cli;
+pub mod client;
+pub mod embedded;
+pub mod plan;
 pub mod queue;
+pub mod server;
+pub mod service;
 
 pub use queue::{JobQueue, Queue, QueueError};
 

@@ -1,5 +1,7 @@
 //! The `coordinator` binary: parses the command line, sets up tracing and
-//! the runtime, and hands over to [`capture_coordinator::cli::run`].
+//! the runtime, and hands over to [`capture_coordinator::cli::run`]. A
+//! failure is printed as one `error: ...` line (the error and its causes)
+//! with exit code 1.
 
 use std::process::ExitCode;
 
@@ -7,7 +9,7 @@ use capture_coordinator::cli::{Cli, run};
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 
-fn main() -> anyhow::Result<ExitCode> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -15,8 +17,16 @@ fn main() -> anyhow::Result<ExitCode> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
-    runtime.block_on(run(cli))
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(run(cli)));
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

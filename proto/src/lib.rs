@@ -52,6 +52,7 @@
 //! [`CaptureServiceError::from_status`] and can match
 //! [`CaptureServiceError::is_lease_lost`].
 
+pub mod client;
 mod error;
 mod ids;
 mod wire;
@@ -64,6 +65,10 @@ pub use prost_types;
 pub use tonic;
 pub use tonic_health;
 
+pub use client::{
+    CaptureClient, ClientConfig, ConnectError, Token, WorkerClient, capture_client, connect,
+    connect_lazy, worker_client,
+};
 pub use error::{CaptureServiceError, LEASE_LOST_PREFIX};
 pub use ids::{Attempt, Fence, IdParseError, JobId, RunId, WorkerId};
 pub use v1::capture_service_client::CaptureServiceClient;

@@ -2,5 +2,6 @@
 //! Python reference environment, the scripts and the tiny checkpoint are, and
 //! how to run them.
 
+pub mod cluster;
 pub mod hub_server;
 pub mod sandbox;

@@ -2,8 +2,10 @@
 //! library options.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use candle_core::DType;
+use capture_proto::{ClientConfig, Token};
 use clap::{Args, Parser, Subcommand};
 
 use crate::bench::BenchOptions;
@@ -12,7 +14,9 @@ use crate::loader::{DeviceArg, parse_compute_dtype};
 use crate::model::Gemma2Config;
 use crate::model_files::ModelSource;
 use crate::pt::StoreDtype;
+use crate::pull::PullOptions;
 use crate::run::{CaptureOptions, PromptSource};
+use crate::store::StoreOptions;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,17 +27,35 @@ use crate::run::{CaptureOptions, PromptSource};
         `worker capture` runs a hooked Gemma-2 on a prompt set and writes PyTorch .pt artifacts in the \
         layout researchers' scripts expect (inference/raw/residual/{set}/{id}.pt, \
         inference/raw/internals/{set}/{id}_L{layer}.pt) plus a manifest.json.\n\n\
-        Example:\n  worker capture --model google/gemma-2-2b-it --prompt-set dynamic --mode residual --out captures/exp1"
+        `worker run` pulls capture jobs from a coordinator and uploads their artifacts to object storage.\n\n\
+        Examples:\n  worker capture --model google/gemma-2-2b-it --prompt-set dynamic --mode residual --out captures/exp1\n  \
+        worker run --coordinator http://coordinator:50051 --store s3://captures/team"
 )]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// What `worker run --help` explains.
+const RUN_LONG_ABOUT: &str = "Pull capture jobs from a coordinator until stopped.\n\n\
+    The model is loaded once; then the worker claims jobs for it (model id and --revision must match \
+    the runs' model_id and model_revision), captures each job's prompts, uploads the .pt artifacts \
+    under the job's staging prefix in --store and reports them to the coordinator, which publishes \
+    them at their documented keys. A coordinator or database restart only delays the worker. \
+    SIGTERM or Ctrl-C stops claiming, lets the current job finish for up to --drain-timeout \
+    seconds, gives it back otherwise, and exits 0.\n\n\
+    S3 credentials and region come from the AWS_* environment variables; AWS_ENDPOINT_URL (or \
+    --s3-endpoint) points at MinIO or another S3-compatible server. Set RUST_LOG=debug for more detail.\n\n\
+    Example:\n  CAPTURE_WORKER_TOKEN=... worker run --coordinator https://coordinator:50051 --tls-ca ca.pem \\\n      \
+    --store s3://captures/team --model google/gemma-2-2b-it --device cuda:0";
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Capture residual streams or layer internals for a prompt set
     Capture(CaptureArgs),
+    /// Pull capture jobs from a coordinator until stopped (SIGTERM or Ctrl-C)
+    #[command(long_about = RUN_LONG_ABOUT)]
+    Run(RunArgs),
     /// Time plain generation and capture on random weights at real dimensions
     Bench(BenchArgs),
 }
@@ -133,6 +155,84 @@ impl CaptureArgs {
             compute_dtype: self.dtype,
             out: self.out,
             progress: !self.quiet,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The coordinator's gRPC address: http://host:port or https://host:port
+    #[arg(long, env = "CAPTURE_COORDINATOR")]
+    pub coordinator: String,
+    /// The artifact store, the same as the coordinator's: s3://bucket/prefix, file:///dir or a local directory
+    #[arg(long, env = "CAPTURE_STORE")]
+    pub store: String,
+    /// S3 endpoint for MinIO or another S3-compatible server, e.g. http://127.0.0.1:9000 (default: AWS_ENDPOINT_URL)
+    #[arg(long, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// Checkpoint directory, or a Hugging Face hub id fetched into the usual cache (HF_TOKEN and HF_ENDPOINT honoured)
+    #[arg(long, default_value = "google/gemma-2-2b-it")]
+    pub model: String,
+    /// Hub revision (branch, tag or commit) to load; jobs are claimed for exactly this revision (none: the runs' default, "")
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Model id to claim jobs for (default: the hub id, or the canonical path of a checkpoint directory)
+    #[arg(long, value_name = "NAME")]
+    pub model_id: Option<String>,
+    /// cpu, or cuda:N with a CUDA build
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// Compute dtype: f32 (default on cpu), bf16 (default on cuda) or f16
+    #[arg(long, value_parser = parse_compute_dtype)]
+    pub dtype: Option<DType>,
+    /// Bearer token for the coordinator (falls back to CAPTURE_TOKEN)
+    #[arg(long, env = "CAPTURE_WORKER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM file of a certificate authority to trust for https:// coordinators (besides the system's)
+    #[arg(long, value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+    /// This worker's id, a UUID (default: a fresh one)
+    #[arg(long, value_name = "ID")]
+    pub worker_id: Option<String>,
+    /// On shutdown, how long the current job may still run before it is given back
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    pub drain_timeout: u64,
+    /// Stop after this many jobs
+    #[arg(long, value_name = "N")]
+    pub max_jobs: Option<u64>,
+    /// Stop as soon as the coordinator has no job for this worker
+    #[arg(long)]
+    pub exit_when_idle: bool,
+}
+
+impl RunArgs {
+    pub fn into_options(self) -> PullOptions {
+        let token = self
+            .token
+            .or_else(|| std::env::var("CAPTURE_TOKEN").ok())
+            .and_then(|text| Token::new(&text));
+        PullOptions {
+            coordinator: ClientConfig {
+                token,
+                tls_ca: self.tls_ca,
+                ..ClientConfig::new(self.coordinator)
+            },
+            store_url: self.store,
+            store_options: StoreOptions {
+                s3_endpoint: self.s3_endpoint,
+                ..StoreOptions::default()
+            },
+            model: ModelSource {
+                spec: self.model,
+                revision: self.revision,
+            },
+            model_id: self.model_id,
+            device: self.device,
+            compute_dtype: self.dtype,
+            worker_id: self.worker_id,
+            drain_timeout: Duration::from_secs(self.drain_timeout),
+            max_jobs: self.max_jobs,
+            exit_when_idle: self.exit_when_idle,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Hooked Gemma-2 capture engine: model, generation with capture, `.pt`
-//! artifacts, prompt sets and the `worker` command's library side.
+//! artifacts, prompt sets, the pulling worker (`worker run`) and the
+//! `worker` command's library side.
 
 pub mod bench;
 pub mod capture;
@@ -11,6 +12,7 @@ pub mod model;
 pub mod model_files;
 pub mod prompts;
 pub mod pt;
+pub mod pull;
 pub mod run;
 pub mod store;
 pub mod tokenizer;

@@ -1,22 +1,32 @@
 //! The `worker` binary: parses the command line and calls the library.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use capture_worker::bench::run_bench;
 use capture_worker::cli::{Cli, Command};
+use capture_worker::pull::run_worker;
 use capture_worker::run::run_capture;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The pulling worker reports each job; the one-shot commands stay quiet.
+    let default_filter = match cli.command {
+        Command::Run(_) => "info",
+        Command::Capture(_) | Command::Bench(_) => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Capture(args) => capture(args),
+        Command::Run(args) => run(args),
         Command::Bench(args) => bench(args),
     };
     match result {
@@ -40,6 +50,51 @@ fn capture(args: capture_worker::cli::CaptureArgs) -> anyhow::Result<()> {
         out.display()
     );
     Ok(())
+}
+
+/// `worker run` on a multi-threaded runtime, stopped by SIGTERM or Ctrl-C.
+fn run(args: capture_worker::cli::RunArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(run_worker(args.into_options(), shutdown_signal()))?;
+    // A capture stopped at the drain timeout may still be finishing its
+    // prompt on a blocking thread; its job is already given back.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    eprintln!(
+        "worker stopped: {} job(s) completed, {} failed, {} released, {} lease(s) lost, {} tokens captured",
+        report.jobs_completed,
+        report.jobs_failed,
+        report.jobs_released,
+        report.leases_lost,
+        report.tokens_captured
+    );
+    Ok(())
+}
+
+/// Resolves on the first SIGTERM or Ctrl-C (SIGINT).
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; Ctrl-C still stops the worker");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let interrupt = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::warn!(%error, "cannot listen for Ctrl-C; SIGTERM still stops the worker");
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
 }
 
 fn bench(args: capture_worker::cli::BenchArgs) -> anyhow::Result<()> {

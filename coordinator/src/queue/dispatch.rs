@@ -117,6 +117,24 @@ impl JobQueue for Queue {
         forward!(self.fail(job, attempt, worker_id, error, retryable))
     }
 
+    async fn release(
+        &self,
+        job: JobId,
+        attempt: i32,
+        worker_id: &str,
+        reason: &str,
+    ) -> Result<RunId, QueueError> {
+        forward!(self.release(job, attempt, worker_id, reason))
+    }
+
+    async fn unfinalized_runs(&self) -> Result<Vec<RunId>, QueueError> {
+        forward!(self.unfinalized_runs())
+    }
+
+    async fn mark_finalized(&self, run: RunId) -> Result<(), QueueError> {
+        forward!(self.mark_finalized(run))
+    }
+
     async fn reap_expired(&self) -> Result<ReapReport, QueueError> {
         forward!(self.reap_expired())
     }

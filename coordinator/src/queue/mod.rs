@@ -100,6 +100,25 @@ pub trait JobQueue: Send + Sync {
         retryable: bool,
     ) -> impl Future<Output = Result<FailedJob, QueueError>> + Send;
 
+    /// Gives a held lease back without counting a failure (the worker is
+    /// shutting down or its run was cancelled): the job is queued again at
+    /// once with one more attempt allowed, or cancelled if its run was.
+    /// `LeaseLost` if the lease is no longer held.
+    fn release(
+        &self,
+        job: JobId,
+        attempt: i32,
+        worker_id: &str,
+        reason: &str,
+    ) -> impl Future<Output = Result<RunId, QueueError>> + Send;
+
+    /// Terminal runs whose manifest is not written yet, oldest first.
+    fn unfinalized_runs(&self) -> impl Future<Output = Result<Vec<RunId>, QueueError>> + Send;
+
+    /// Records that the run's artifacts are promoted and its manifest is
+    /// written. `InvalidState` while the run is still running.
+    fn mark_finalized(&self, run: RunId) -> impl Future<Output = Result<(), QueueError>> + Send;
+
     /// Re-queues jobs whose lease expired (dead if their attempts are spent).
     fn reap_expired(&self) -> impl Future<Output = Result<ReapReport, QueueError>> + Send;
 

@@ -79,6 +79,9 @@ pub struct DecodingSpec {
     pub top_p: Option<f64>,
     pub seed: Option<u64>,
     pub chat_template: bool,
+    /// Root URL of an earlier capture whose responses are replayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<String>,
 }
 
 /// What a run asks for: prompt sets x modes x decoding x model x store dtype.
@@ -302,6 +305,8 @@ pub struct RunRecord {
     pub error: Option<String>,
     pub created_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// When its artifacts were promoted and its manifest written.
+    pub finalized_at: Option<DateTime<Utc>>,
 }
 
 /// How many of a run's jobs are in each state.
@@ -336,6 +341,12 @@ pub struct RunStatus {
     pub run: RunRecord,
     pub jobs: JobCounts,
     pub artifacts: i64,
+    /// Total size of the accepted artifacts.
+    pub artifact_bytes: i64,
+    /// Prompt plus response tokens over the accepted artifacts.
+    pub tokens_captured: i64,
+    /// When the first job was claimed.
+    pub started_at: Option<DateTime<Utc>>,
 }
 
 /// Which runs `list_runs` returns, newest first.

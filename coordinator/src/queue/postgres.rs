@@ -18,6 +18,7 @@ use super::{
     WorkerRecord, WorkerSeen, retry::duration_millis, validate_lease,
 };
 
+mod finalize;
 mod reads;
 mod rows;
 mod runs;
@@ -318,6 +319,24 @@ impl JobQueue for PostgresQueue {
             retry_at,
             run_finished: settlement.run_finished,
         })
+    }
+
+    async fn release(
+        &self,
+        job: JobId,
+        attempt: i32,
+        worker_id: &str,
+        reason: &str,
+    ) -> Result<RunId, QueueError> {
+        self.release_lease(job, attempt, worker_id, reason).await
+    }
+
+    async fn unfinalized_runs(&self) -> Result<Vec<RunId>, QueueError> {
+        self.read_unfinalized_runs().await
+    }
+
+    async fn mark_finalized(&self, run: RunId) -> Result<(), QueueError> {
+        self.write_finalized(run).await
     }
 
     async fn reap_expired(&self) -> Result<ReapReport, QueueError> {

@@ -43,6 +43,7 @@ pub(crate) fn run_spec(experiment: &str, model: &ModelRef) -> RunSpec {
             top_p: Some(0.9),
             seed: Some(42),
             chat_template: true,
+            replay: None,
         },
         store_dtype: "f32".to_owned(),
         shard_size: 2,

@@ -15,8 +15,8 @@ use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
 
 use super::{
-    CONFIG_JSON, GENERATION_CONFIG_JSON, MODEL_SAFETENSORS, ModelFiles, ModelFilesError,
-    SAFETENSORS_INDEX_JSON, TOKENIZER_JSON, finish, read_index,
+    CONFIG_JSON, GENERATION_CONFIG_JSON, MODEL_SAFETENSORS, ModelConfigFile, ModelFiles,
+    ModelFilesError, SAFETENSORS_INDEX_JSON, TOKENIZER_JSON, finish, read_index,
 };
 
 /// The public Hugging Face hub.
@@ -259,6 +259,75 @@ pub(super) fn resolve_hub(
     revision: Option<&str>,
     settings: &HubSettings,
 ) -> Result<ModelFiles, ModelFilesError> {
+    let hub = open_repo(model_id, revision, settings)?;
+    let (ctx, api_repo) = (&hub.ctx, &hub.api_repo);
+    let requested = ctx.revision;
+    if let Some(config) = hub.cached(CONFIG_JSON) {
+        tracing::debug!(model_id, revision = requested, config = %config.display(), "found in the hub cache");
+        match fill_snapshot(ctx, api_repo, config, true) {
+            Ok(files) => return Ok(files),
+            Err(Stop::Error(e)) => return Err(e),
+            Err(Stop::Moved) => {
+                tracing::info!(
+                    model_id,
+                    revision = requested,
+                    "the revision moved to a new commit: downloading it"
+                );
+            }
+        }
+    }
+    let config = download(api_repo, CONFIG_JSON).map_err(|f| ctx.error(CONFIG_JSON, f))?;
+    match fill_snapshot(ctx, api_repo, config, false) {
+        Ok(files) => Ok(files),
+        Err(Stop::Error(e)) => Err(e),
+        Err(Stop::Moved) => Err(ModelFilesError::HubRevisionMoved {
+            model_id: model_id.to_string(),
+            revision: requested.to_string(),
+        }),
+    }
+}
+
+/// Finds (or downloads) only `config.json` of a hub checkpoint.
+pub(super) fn resolve_hub_config(
+    model_id: &str,
+    revision: Option<&str>,
+    settings: &HubSettings,
+) -> Result<ModelConfigFile, ModelFilesError> {
+    let hub = open_repo(model_id, revision, settings)?;
+    let config_json = match hub.cached(CONFIG_JSON) {
+        Some(path) => path,
+        None => download(&hub.api_repo, CONFIG_JSON).map_err(|f| hub.ctx.error(CONFIG_JSON, f))?,
+    };
+    let commit = config_json.parent().and_then(snapshot_commit);
+    Ok(ModelConfigFile {
+        model_id: model_id.to_string(),
+        revision: Some(commit.unwrap_or_else(|| hub.ctx.revision.to_string())),
+        config_json,
+    })
+}
+
+/// One hub repo at one revision, ready to download from.
+struct OpenRepo<'a> {
+    ctx: Ctx<'a>,
+    repo: Repo,
+    api_repo: ApiRepo,
+}
+
+impl OpenRepo<'_> {
+    /// `file` in the cache's snapshot for the revision, if it is there.
+    fn cached(&self, file: &str) -> Option<PathBuf> {
+        Cache::new(self.ctx.settings.cache_dir.clone())
+            .repo(self.repo.clone())
+            .get(file)
+    }
+}
+
+/// Checks the revision (default `main`) and sets up the hub client.
+fn open_repo<'a>(
+    model_id: &'a str,
+    revision: Option<&'a str>,
+    settings: &'a HubSettings,
+) -> Result<OpenRepo<'a>, ModelFilesError> {
     let requested = revision.unwrap_or("main");
     if !valid_revision(requested) {
         return Err(ModelFilesError::BadRevision {
@@ -278,33 +347,11 @@ pub(super) fn resolve_hub(
         .map_err(|e| ctx.error(CONFIG_JSON, classify(e)))?;
     let repo = Repo::with_revision(model_id.to_string(), RepoType::Model, requested.to_string());
     let api_repo = api.repo(repo.clone());
-
-    if let Some(config) = Cache::new(settings.cache_dir.clone())
-        .repo(repo)
-        .get(CONFIG_JSON)
-    {
-        tracing::debug!(model_id, revision = requested, config = %config.display(), "found in the hub cache");
-        match fill_snapshot(&ctx, &api_repo, config, true) {
-            Ok(files) => return Ok(files),
-            Err(Stop::Error(e)) => return Err(e),
-            Err(Stop::Moved) => {
-                tracing::info!(
-                    model_id,
-                    revision = requested,
-                    "the revision moved to a new commit: downloading it"
-                );
-            }
-        }
-    }
-    let config = download(&api_repo, CONFIG_JSON).map_err(|f| ctx.error(CONFIG_JSON, f))?;
-    match fill_snapshot(&ctx, &api_repo, config, false) {
-        Ok(files) => Ok(files),
-        Err(Stop::Error(e)) => Err(e),
-        Err(Stop::Moved) => Err(ModelFilesError::HubRevisionMoved {
-            model_id: model_id.to_string(),
-            revision: requested.to_string(),
-        }),
-    }
+    Ok(OpenRepo {
+        ctx,
+        repo,
+        api_repo,
+    })
 }
 
 fn download(api_repo: &ApiRepo, file: &str) -> Result<PathBuf, Failure> {
@@ -613,6 +660,36 @@ mod tests {
                 .ends_with(
                     "(the hub answered 403: the token that was sent has no access to it yet)"
                 )
+        );
+    }
+
+    #[test]
+    fn cached_config_is_found_without_the_hub() {
+        let tmp = tempfile::tempdir().unwrap();
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        let repo = tmp.path().join("models--owner--tiny");
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), commit).unwrap();
+        let snapshot = repo.join("snapshots").join(commit);
+        std::fs::create_dir_all(&snapshot).unwrap();
+        std::fs::write(snapshot.join(CONFIG_JSON), b"{}").unwrap();
+        let offline = HubSettings {
+            endpoint: "http://127.0.0.1:9".to_string(),
+            cache_dir: tmp.path().to_path_buf(),
+            token: None,
+            progress: false,
+        };
+        let config = resolve_hub_config("owner/tiny", None, &offline).unwrap();
+        assert_eq!(config.model_id, "owner/tiny");
+        assert_eq!(config.revision.as_deref(), Some(commit));
+        assert_eq!(config.config_json, snapshot.join(CONFIG_JSON));
+
+        // Not cached: asked of the (unreachable) hub, with resolve_model's message.
+        let err = resolve_hub_config("owner/other", Some("v1"), &offline).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("cannot reach the hub at http://127.0.0.1:9"),
+            "{err}"
         );
     }
 

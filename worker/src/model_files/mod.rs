@@ -245,6 +245,48 @@ pub fn resolve_model_with(
     }
 }
 
+/// Only the `config.json` of a checkpoint, found (or downloaded) without its
+/// tokenizer or weights: enough to learn a model's dimensions, e.g. for a
+/// coordinator that checks runs against the model its workers load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelConfigFile {
+    /// The id [`ModelFiles::model_id`] has for the same source: the hub id,
+    /// or the canonicalised directory path.
+    pub model_id: String,
+    /// As [`ModelFiles::revision`]: for hub ids the commit the file comes
+    /// from (else the requested revision); `None` for directories.
+    pub revision: Option<String>,
+    pub config_json: PathBuf,
+}
+
+/// Finds only `config.json` of `source`: the file in a checkpoint directory,
+/// or the hub id's file at the revision, downloaded into the hub cache
+/// (settings from the environment as in [`resolve_model`]; a cached file is
+/// used without asking the hub).
+pub fn resolve_model_config(source: &ModelSource) -> Result<ModelConfigFile, ModelFilesError> {
+    model_config(source, HubSettings::from_env)
+}
+
+/// [`resolve_model_config`] with explicit hub settings.
+pub fn resolve_model_config_with(
+    source: &ModelSource,
+    hub: &HubSettings,
+) -> Result<ModelConfigFile, ModelFilesError> {
+    model_config(source, || Ok(hub.clone()))
+}
+
+/// The hub settings are read only for a hub id.
+fn model_config(
+    source: &ModelSource,
+    hub: impl FnOnce() -> Result<HubSettings, ModelFilesError>,
+) -> Result<ModelConfigFile, ModelFilesError> {
+    let revision = source.revision.as_deref();
+    match parse_spec(&source.spec)? {
+        Spec::Dir(dir) => config_in_dir(&dir, revision),
+        Spec::Hub(id) => hub::resolve_hub_config(&id, revision, &hub()?),
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum Spec {
     Dir(PathBuf),
@@ -314,16 +356,7 @@ fn is_hub_id(spec: &str) -> bool {
 }
 
 fn resolve_dir(path: &Path, revision: Option<&str>) -> Result<ModelFiles, ModelFilesError> {
-    let dir = std::fs::canonicalize(path).map_err(|source| ModelFilesError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    if let Some(revision) = revision {
-        return Err(ModelFilesError::RevisionForDirectory {
-            dir,
-            revision: revision.to_string(),
-        });
-    }
+    let dir = canonical_dir(path, revision)?;
     let config_json = required_file(&dir, CONFIG_JSON)?;
     let tokenizer_json = required_file(&dir, TOKENIZER_JSON)?;
     let generation_config_json = Some(dir.join(GENERATION_CONFIG_JSON)).filter(|p| p.is_file());
@@ -337,6 +370,31 @@ fn resolve_dir(path: &Path, revision: Option<&str>) -> Result<ModelFiles, ModelF
         generation_config_json,
         safetensors,
     )
+}
+
+fn config_in_dir(path: &Path, revision: Option<&str>) -> Result<ModelConfigFile, ModelFilesError> {
+    let dir = canonical_dir(path, revision)?;
+    Ok(ModelConfigFile {
+        model_id: dir.display().to_string(),
+        revision: None,
+        config_json: required_file(&dir, CONFIG_JSON)?,
+    })
+}
+
+/// The canonical path of a checkpoint directory, which is its model id; a
+/// revision cannot apply to it.
+fn canonical_dir(path: &Path, revision: Option<&str>) -> Result<PathBuf, ModelFilesError> {
+    let dir = std::fs::canonicalize(path).map_err(|source| ModelFilesError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    match revision {
+        Some(revision) => Err(ModelFilesError::RevisionForDirectory {
+            dir,
+            revision: revision.to_string(),
+        }),
+        None => Ok(dir),
+    }
 }
 
 fn required_file(dir: &Path, name: &str) -> Result<PathBuf, ModelFilesError> {
@@ -666,6 +724,45 @@ mod tests {
         let msg = resolve_model(&source).unwrap_err().to_string();
         assert!(msg.starts_with("revision main was given for the local directory "));
         assert!(msg.ends_with(": a revision only applies to hub ids"));
+    }
+
+    #[test]
+    fn config_of_a_directory_has_the_model_files_id() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-gemma2");
+        let spec = format!("{}/../tiny-gemma2/", fixture.display());
+        let config = resolve_model_config(&ModelSource::new(&spec)).unwrap();
+        let files = resolve_model(&ModelSource::new(&spec)).unwrap();
+        assert_eq!(config.model_id, files.model_id);
+        assert_eq!(config.config_json, files.config_json);
+        assert_eq!(config.revision, None);
+
+        // Only config.json is needed.
+        let tmp = tempfile::tempdir().unwrap();
+        write(tmp.path(), CONFIG_JSON, b"{}");
+        let config = resolve_model_config(&ModelSource::new(tmp.path().to_str().unwrap())).unwrap();
+        let dir = std::fs::canonicalize(tmp.path()).unwrap();
+        assert_eq!(config.config_json, dir.join(CONFIG_JSON));
+    }
+
+    #[test]
+    fn config_errors_read_like_resolve_model() {
+        let config_err =
+            |source: &ModelSource| resolve_model_config(source).unwrap_err().to_string();
+        assert_eq!(
+            config_err(&ModelSource::new("./no/such/checkpoint")),
+            err("./no/such/checkpoint")
+        );
+        assert_eq!(config_err(&ModelSource::new("gemma")), err("gemma"));
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = tmp.path().to_str().unwrap();
+        assert!(config_err(&ModelSource::new(spec)).starts_with("config.json is missing in "));
+        let pinned = ModelSource {
+            spec: spec.to_string(),
+            revision: Some("main".to_string()),
+        };
+        assert!(
+            config_err(&pinned).starts_with("revision main was given for the local directory ")
+        );
     }
 
     #[test]

@@ -68,8 +68,9 @@ pub fn read_pt_file(path: &Path) -> Result<PtValue, PtError> {
     })
 }
 
-/// The file stem with every character outside `[A-Za-z0-9_]` replaced by `_`.
-fn archive_name(path: &Path) -> String {
+/// The archive folder [`write_pt_file`] uses for `path`: the file stem with
+/// every character outside `[A-Za-z0-9_]` replaced by `_`.
+pub fn archive_name(path: &Path) -> String {
     let stem = path.file_stem().unwrap_or_default().to_string_lossy();
     let name: String = stem
         .chars()

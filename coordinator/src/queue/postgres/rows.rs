@@ -49,6 +49,7 @@ pub(super) fn run_from_row(row: &PgRow) -> Result<RunRecord, QueueError> {
         error: row.try_get("error")?,
         created_at: row.try_get("created_at")?,
         finished_at: row.try_get("finished_at")?,
+        finalized_at: row.try_get("finalized_at")?,
     })
 }
 

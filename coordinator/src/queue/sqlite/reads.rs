@@ -34,16 +34,24 @@ impl SqliteQueue {
                 row.try_get("jobs")?,
             );
         }
-        let artifacts =
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM artifacts WHERE run_id = ?1")
-                .bind(&run_id)
-                .fetch_one(&mut *tx)
-                .await?;
+        let totals = sqlx::query(
+            "SELECT count(*) AS artifacts,
+                 CAST(coalesce(sum(size_bytes), 0) AS BIGINT) AS artifact_bytes,
+                 CAST(coalesce(sum(coalesce(prompt_tokens, 0) + coalesce(response_tokens, 0)), 0) AS BIGINT) AS tokens,
+                 (SELECT min(first_started_at) FROM jobs WHERE run_id = ?1) AS started_at
+             FROM artifacts WHERE run_id = ?1",
+        )
+        .bind(&run_id)
+        .fetch_one(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(RunStatus {
             run: rows::run_from_row(&run_row)?,
             jobs,
-            artifacts,
+            artifacts: totals.try_get("artifacts")?,
+            artifact_bytes: totals.try_get("artifact_bytes")?,
+            tokens_captured: totals.try_get("tokens")?,
+            started_at: rows::optional_time_column(&totals, "started_at")?,
         })
     }
 

@@ -35,7 +35,7 @@ fn time_column(row: &SqliteRow, column: &str) -> Result<DateTime<Utc>, QueueErro
     millis_to_time(row.try_get(column)?)
 }
 
-fn optional_time_column(
+pub(super) fn optional_time_column(
     row: &SqliteRow,
     column: &str,
 ) -> Result<Option<DateTime<Utc>>, QueueError> {
@@ -84,6 +84,7 @@ pub(super) fn run_from_row(row: &SqliteRow) -> Result<RunRecord, QueueError> {
         error: row.try_get("error")?,
         created_at: time_column(row, "created_at")?,
         finished_at: optional_time_column(row, "finished_at")?,
+        finalized_at: optional_time_column(row, "finalized_at")?,
     })
 }
 

@@ -396,3 +396,78 @@ pub(crate) async fn reaper_marks_a_job_dead_once_its_attempts_are_spent(queue: i
         "{job:?}"
     );
 }
+
+pub(crate) async fn release_requeues_without_spending_an_attempt_and_runs_finalize_once(
+    queue: impl JobQueue,
+) {
+    let model = tiny_model();
+    let run_id = create_run_with_jobs(&queue, "release", &model, 1).await;
+    let claimed = queue
+        .claim("worker-a", &model, LONG_LEASE)
+        .await
+        .unwrap()
+        .expect("a job");
+    let max_before = claimed.job.max_attempts;
+    let released = queue
+        .release(claimed.job.id, 1, "worker-a", "shutting down")
+        .await
+        .unwrap();
+    assert_eq!(released, run_id);
+    assert_lease_lost(
+        queue.release(claimed.job.id, 1, "worker-a", "again").await,
+        claimed.job.id,
+        1,
+    );
+    let job = queue.get_job(claimed.job.id).await.unwrap();
+    assert_eq!(job.state, JobState::Queued);
+    assert_eq!(
+        job.max_attempts,
+        max_before + 1,
+        "a release spends no attempt"
+    );
+    let attempts = queue.list_attempts(run_id).await.unwrap();
+    assert!(attempts[0].ended_at.is_some());
+    assert_eq!(
+        attempts[0].error.as_deref(),
+        Some("released: shutting down")
+    );
+
+    // Still running: nothing to finalize, and finalizing is refused.
+    assert!(queue.unfinalized_runs().await.unwrap().is_empty());
+    assert!(matches!(
+        queue.mark_finalized(run_id).await,
+        Err(QueueError::InvalidState(_))
+    ));
+    let again = queue
+        .claim("worker-b", &model, LONG_LEASE)
+        .await
+        .unwrap()
+        .expect("the released job");
+    assert_eq!(again.attempt, 2);
+    queue
+        .complete(
+            again.job.id,
+            2,
+            "worker-b",
+            &artifacts_for_job(&again.job.key),
+        )
+        .await
+        .unwrap();
+    let status = queue.run_status(run_id).await.unwrap();
+    assert_eq!(status.run.state, RunState::Succeeded);
+    assert!(status.artifacts > 0 && status.artifact_bytes > 0);
+    assert!(status.started_at.is_some());
+    assert_eq!(status.run.finalized_at, None);
+    assert_eq!(queue.unfinalized_runs().await.unwrap(), vec![run_id]);
+    queue.mark_finalized(run_id).await.unwrap();
+    assert!(queue.unfinalized_runs().await.unwrap().is_empty());
+    assert!(
+        queue
+            .run_status(run_id)
+            .await
+            .unwrap()
+            .run
+            .finalized_at
+            .is_some()
+    );
+}

@@ -1,0 +1,282 @@
+//! Publishing a run: promoting accepted attempts' staged files to their
+//! documented keys, collecting what lost attempts staged, and writing the
+//! run's `manifest.json` — then marking the run finalized in the database.
+//!
+//! Everything here is idempotent and driven by the database, so it is safe
+//! to run after a crash, twice, or from the periodic sweep: only the attempt
+//! the queue accepted is ever promoted, so a zombie's uploads never reach a
+//! documented key.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use chrono::Utc;
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::Coordinator;
+use crate::queue::{ArtifactRecord, JobId, JobQueue, JobState, RunId, RunState};
+
+/// What [`Coordinator::finalize_run`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FinalizeReport {
+    pub copied: usize,
+    pub already_promoted: usize,
+    pub staging_deleted: usize,
+    /// False when the run is still running or another task finalizes it.
+    pub finalized: bool,
+}
+
+/// The manifest's format tag.
+pub const RUN_MANIFEST_FORMAT: &str = "capture-run-manifest/1";
+
+impl Coordinator {
+    /// Promotes one accepted attempt's artifacts (right after its
+    /// completion). Errors are logged; the sweep repeats the promotion.
+    pub(crate) async fn promote_job(&self, run: RunId, job: JobId, attempt: i32) {
+        let result = async {
+            let status = self
+                .queue
+                .run_status(run)
+                .await
+                .map_err(|e| e.to_string())?;
+            let store = self
+                .run_store(run, &status.run.spec)
+                .map_err(|e| e.to_string())?;
+            let artifacts = self
+                .queue
+                .list_artifacts(run)
+                .await
+                .map_err(|e| e.to_string())?;
+            let keys: Vec<&str> = artifacts
+                .iter()
+                .filter(|a| a.job_id == job && a.attempt == attempt)
+                .map(|a| a.artifact.key.as_str())
+                .collect();
+            store
+                .promote(&job.to_string(), attempt_number(attempt), &keys)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        if let Err(error) = result {
+            warn!(%run, %job, attempt, error, "promotion failed; the finalizer will retry it");
+        }
+    }
+
+    /// Finalizes every terminal run that is not yet, repairing whatever a
+    /// crash left half done. Returns how many runs it finalized.
+    pub async fn finalize_pending(&self) -> usize {
+        let runs = match self.queue.unfinalized_runs().await {
+            Ok(runs) => runs,
+            Err(error) => {
+                warn!(%error, "cannot list runs to finalize");
+                return 0;
+            }
+        };
+        let mut done = 0;
+        for run in runs {
+            match self.finalize_run(run).await {
+                Ok(report) if report.finalized => done += 1,
+                Ok(_) => {}
+                Err(error) => warn!(%run, error, "finalizing the run failed; will retry"),
+            }
+        }
+        done
+    }
+
+    /// Promotes every accepted attempt of a terminal run, deletes all
+    /// staging, writes `manifest.json` and marks the run finalized.
+    pub async fn finalize_run(&self, run: RunId) -> Result<FinalizeReport, String> {
+        if !self.finalizing.lock().expect("finalizing lock").insert(run) {
+            return Ok(FinalizeReport::default());
+        }
+        let result = self.finalize_run_once(run).await;
+        self.finalizing
+            .lock()
+            .expect("finalizing lock")
+            .remove(&run);
+        result
+    }
+
+    async fn finalize_run_once(&self, run: RunId) -> Result<FinalizeReport, String> {
+        let error = |e: &dyn std::fmt::Display| e.to_string();
+        let status = self.queue.run_status(run).await.map_err(|e| error(&e))?;
+        let mut report = FinalizeReport::default();
+        if status.run.state == RunState::Running {
+            return Ok(report);
+        }
+        let store = self
+            .run_store(run, &status.run.spec)
+            .map_err(|e| error(&e))?;
+        let jobs = self.queue.list_jobs(run).await.map_err(|e| error(&e))?;
+        let attempts = self.queue.list_attempts(run).await.map_err(|e| error(&e))?;
+        let artifacts = self
+            .queue
+            .list_artifacts(run)
+            .await
+            .map_err(|e| error(&e))?;
+
+        let mut accepted: BTreeMap<(JobId, i32), Vec<&str>> = BTreeMap::new();
+        for artifact in &artifacts {
+            accepted
+                .entry((artifact.job_id, artifact.attempt))
+                .or_default()
+                .push(artifact.artifact.key.as_str());
+        }
+        for ((job, attempt), keys) in &accepted {
+            let promotion = store
+                .promote(&job.to_string(), attempt_number(*attempt), keys)
+                .await
+                .map_err(|e| error(&e))?;
+            report.copied += promotion.copied;
+            report.already_promoted += promotion.already_promoted;
+        }
+        for job in &jobs {
+            report.staging_deleted += store
+                .discard_job_staging(&job.id.to_string())
+                .await
+                .map_err(|e| error(&e))?;
+        }
+
+        let manifest = run_manifest(&status, &jobs, &attempts, &artifacts, &store.root_url());
+        let text = serde_json::to_vec_pretty(&manifest).map_err(|e| error(&e))?;
+        store
+            .put_root_file("manifest.json", Bytes::from(text))
+            .await
+            .map_err(|e| error(&e))?;
+        self.queue
+            .mark_finalized(run)
+            .await
+            .map_err(|e| error(&e))?;
+        report.finalized = true;
+        info!(
+            %run,
+            state = %status.run.state,
+            artifacts = artifacts.len(),
+            copied = report.copied,
+            staging_deleted = report.staging_deleted,
+            "run finalized: manifest.json written"
+        );
+        Ok(report)
+    }
+}
+
+fn attempt_number(attempt: i32) -> u32 {
+    u32::try_from(attempt).unwrap_or(0)
+}
+
+/// The run manifest: the engine manifest's fields (format, code version,
+/// model, parameters, artifacts with key, size, sha256, tokens and shapes)
+/// plus the run id, state, timings, every job with its attempts and the
+/// workers that ran them.
+fn run_manifest(
+    status: &crate::queue::RunStatus,
+    jobs: &[crate::queue::JobRecord],
+    attempts: &[crate::queue::AttemptRecord],
+    artifacts: &[ArtifactRecord],
+    root_url: &str,
+) -> serde_json::Value {
+    let spec = &status.run.spec;
+    let workers: BTreeSet<&str> = attempts.iter().map(|a| a.worker_id.as_str()).collect();
+    let jobs_json: Vec<_> = jobs
+        .iter()
+        .map(|job| {
+            let job_attempts: Vec<_> = attempts
+                .iter()
+                .filter(|a| a.job_id == job.id)
+                .map(|a| {
+                    json!({
+                        "attempt": a.attempt,
+                        "worker_id": a.worker_id,
+                        "started_at": a.started_at,
+                        "ended_at": a.ended_at,
+                        "outcome": a.outcome.map(|o| o.as_str()),
+                        "error": a.error,
+                        "seconds": a.ended_at.map(|end| (end - a.started_at).num_milliseconds() as f64 / 1000.0),
+                    })
+                })
+                .collect();
+            let accepted = (job.state == JobState::Succeeded).then_some(job.attempt);
+            json!({
+                "job_id": job.id.to_string(),
+                "key": job.key,
+                "state": job.state.as_str(),
+                "prompt_set": job.payload.prompt_set,
+                "prompt_ids": job.payload.prompts.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
+                "mode": job.payload.mode.name(),
+                "accepted_attempt": accepted,
+                "last_error": job.last_error,
+                "created_at": job.created_at,
+                "started_at": job.first_started_at,
+                "finished_at": job.finished_at,
+                "attempts": job_attempts,
+            })
+        })
+        .collect();
+    let artifacts_json: Vec<_> = artifacts
+        .iter()
+        .map(|a| {
+            json!({
+                "key": a.artifact.key,
+                "prompt_set": a.artifact.prompt_set,
+                "prompt_id": a.artifact.prompt_id,
+                "mode": a.artifact.mode,
+                "layer": a.artifact.layer,
+                "bytes": a.artifact.size_bytes,
+                "sha256": a.artifact.sha256,
+                "prompt_tokens": a.artifact.prompt_tokens,
+                "response_tokens": a.artifact.response_tokens,
+                "shapes": a.artifact.shapes,
+                "job_id": a.job_id.to_string(),
+                "attempt": a.attempt,
+            })
+        })
+        .collect();
+    let seconds = |end: Option<chrono::DateTime<Utc>>| {
+        end.zip(status.started_at)
+            .map(|(end, start)| (end - start).num_milliseconds() as f64 / 1000.0)
+    };
+    json!({
+        "format": RUN_MANIFEST_FORMAT,
+        "code_version": env!("CARGO_PKG_VERSION"),
+        "run_id": status.run.id.to_string(),
+        "experiment": spec.experiment,
+        "state": status.run.state.as_str(),
+        "error": status.run.error,
+        "root": root_url,
+        "model": { "id": spec.model.id, "revision": spec.model.revision },
+        "parameters": {
+            "max_new_tokens": spec.decoding.max_new_tokens,
+            "sampling": match spec.decoding.temperature {
+                Some(t) => json!({"strategy": "temperature", "temperature": t, "top_p": spec.decoding.top_p, "seed": spec.decoding.seed}),
+                None => json!({"strategy": "greedy"}),
+            },
+            "store_dtype": spec.store_dtype,
+            "replay": spec.decoding.replay,
+            "chat_template": spec.decoding.chat_template.then_some(capture_worker::run::CHAT_TEMPLATE),
+            "prompt_sets": spec.prompt_sets,
+            "modes": spec.modes,
+            "shard_size": spec.shard_size,
+        },
+        "timings": {
+            "created_at": status.run.created_at,
+            "started_at": status.started_at,
+            "finished_at": status.run.finished_at,
+            "seconds": seconds(status.run.finished_at),
+        },
+        "totals": {
+            "jobs": status.jobs.total(),
+            "jobs_succeeded": status.jobs.succeeded,
+            "jobs_dead": status.jobs.dead,
+            "jobs_cancelled": status.jobs.cancelled,
+            "attempts": attempts.len(),
+            "artifacts": status.artifacts,
+            "bytes": status.artifact_bytes,
+            "tokens_captured": status.tokens_captured,
+        },
+        "workers": workers,
+        "jobs": jobs_json,
+        "artifacts": artifacts_json,
+    })
+}

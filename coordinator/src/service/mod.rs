@@ -1,0 +1,99 @@
+//! The coordinator's gRPC services over the job queue and the artifact
+//! store: [`CaptureApi`] for clients, [`WorkerApi`] for workers, both
+//! sharing one [`Coordinator`].
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use capture_proto::CaptureServiceError;
+use capture_worker::store::{ArtifactStore, RunStore};
+
+use crate::plan::ModelCatalog;
+use crate::queue::{Queue, RunId, RunSpec};
+
+mod capture;
+pub(crate) mod convert;
+mod finalize;
+mod worker;
+
+pub use capture::CaptureApi;
+pub use finalize::{FinalizeReport, RUN_MANIFEST_FORMAT};
+pub use worker::WorkerApi;
+
+/// Lease and heartbeat timing handed to workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseTiming {
+    /// How long a lease lasts without a heartbeat.
+    pub lease: Duration,
+    /// How often workers heartbeat; well under `lease`.
+    pub heartbeat: Duration,
+    /// Longest a ClaimJob call waits for work.
+    pub max_claim_wait: Duration,
+}
+
+impl Default for LeaseTiming {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(10),
+            max_claim_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What both services share: the queue, the store, the models known, and
+/// which runs are being finalized right now.
+#[derive(Debug)]
+pub struct Coordinator {
+    pub(crate) queue: Queue,
+    pub(crate) store: ArtifactStore,
+    pub(crate) catalog: ModelCatalog,
+    pub(crate) timing: LeaseTiming,
+    finalizing: Mutex<HashSet<RunId>>,
+}
+
+impl Coordinator {
+    pub fn new(queue: Queue, store: ArtifactStore, timing: LeaseTiming) -> Arc<Self> {
+        Arc::new(Self {
+            queue,
+            store,
+            catalog: ModelCatalog::default(),
+            timing,
+            finalizing: Mutex::new(HashSet::new()),
+        })
+    }
+
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    pub fn store(&self) -> &ArtifactStore {
+        &self.store
+    }
+
+    /// The run's root in the store.
+    pub(crate) fn run_store(
+        &self,
+        run: RunId,
+        spec: &RunSpec,
+    ) -> Result<RunStore, CaptureServiceError> {
+        self.store
+            .run(&spec.experiment, &run.to_string())
+            .map_err(|e| CaptureServiceError::Internal(e.to_string()))
+    }
+
+    pub(crate) fn artifact_root(&self, run: RunId, spec: &RunSpec) -> String {
+        self.run_store(run, spec)
+            .map(|store| root_with_slash(store.root_url()))
+            .unwrap_or_default()
+    }
+}
+
+/// Root URLs end with `/`, so `{root}{key}` is the object's URL.
+pub(crate) fn root_with_slash(mut url: String) -> String {
+    if !url.ends_with('/') {
+        url.push('/');
+    }
+    url
+}

@@ -1,0 +1,197 @@
+//! One prompt of a capture, shared by `worker capture` and the pulling
+//! worker: preparing it (chat template, tokens, replayed response, context
+//! check), capturing it with an already loaded model, and describing the
+//! artifacts it yields.
+
+use std::path::Path;
+
+use super::replay::{ReplaySource, replay_ids};
+use super::{CHAT_TEMPLATE, internals_key, residual_key};
+use crate::capture::{
+    CaptureMode, ResponsePlan, Sampling, TokenTexts, capture_prompt, internals_artifact,
+    residual_artifact,
+};
+use crate::error::{CaptureError, Result};
+use crate::loader::ModelMeta;
+use crate::manifest::{ArtifactEntry, tensor_shapes};
+use crate::model::Gemma2;
+use crate::prompts::Prompt;
+use crate::pt::{PtValue, StoreDtype, archive_name, encode_pt};
+
+/// What every prompt of one capture shares.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaptureSettings {
+    /// Residual, or internals of resolved (checked) layers.
+    pub mode: CaptureMode,
+    /// Most response tokens per prompt (at least 1).
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    pub store_dtype: StoreDtype,
+    /// Wrap each prompt in [`CHAT_TEMPLATE`].
+    pub chat_template: bool,
+}
+
+/// A prompt ready to run: validated, tokenized, with its replay tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedPrompt {
+    /// Name of the prompt's set, as in artifact paths.
+    pub set: String,
+    pub prompt: Prompt,
+    /// `<bos>` and the prompt's tokens (after the chat template, if any).
+    pub ids: Vec<u32>,
+    /// The response to capture on instead of generating one.
+    pub replay: Option<Vec<u32>>,
+}
+
+/// One artifact of a captured prompt, before it is encoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptArtifact {
+    /// Path relative to the capture root, e.g. `inference/raw/residual/dynamic/1.pt`.
+    pub key: String,
+    /// The layer of an internals artifact.
+    pub layer: Option<usize>,
+    pub value: PtValue,
+}
+
+impl PromptArtifact {
+    /// The `.pt` file's bytes, exactly as [`crate::pt::write_pt_file`] writes
+    /// them at `{root}/{key}`.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        Ok(encode_pt(&self.value, &archive_name(Path::new(&self.key)))?)
+    }
+}
+
+/// What capturing one prompt yielded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CapturedPrompt {
+    pub set: String,
+    pub prompt_id: String,
+    /// `residual` or `internals`.
+    pub mode: &'static str,
+    pub prompt_tokens: usize,
+    pub response_tokens: usize,
+    /// One artifact in residual mode, one per layer in internals mode.
+    pub artifacts: Vec<PromptArtifact>,
+}
+
+impl CapturedPrompt {
+    /// The manifest entry of one of this prompt's artifacts, once its file
+    /// (`bytes` long, with this sha256) is written.
+    pub fn entry(&self, artifact: &PromptArtifact, bytes: u64, sha256: String) -> ArtifactEntry {
+        ArtifactEntry {
+            key: artifact.key.clone(),
+            prompt_set: self.set.clone(),
+            prompt_id: self.prompt_id.clone(),
+            mode: self.mode.into(),
+            layer: artifact.layer,
+            bytes,
+            sha256,
+            prompt_tokens: self.prompt_tokens,
+            response_tokens: self.response_tokens,
+            shapes: tensor_shapes(&artifact.value),
+        }
+    }
+}
+
+/// Prepares every prompt of `set` before any work starts: the chat template,
+/// tokens, the replayed response when `replay` is given, and a check that
+/// the longest pass fits the model's context.
+pub fn prepare_prompts(
+    meta: &ModelMeta,
+    settings: &CaptureSettings,
+    set: &str,
+    prompts: &[Prompt],
+    replay: Option<&dyn ReplaySource>,
+) -> Result<Vec<PreparedPrompt>> {
+    let limit = meta.config.max_position_embeddings;
+    prompts
+        .iter()
+        .map(|prompt| {
+            let text = if settings.chat_template {
+                CHAT_TEMPLATE.replace("{prompt}", &prompt.text)
+            } else {
+                prompt.text.clone()
+            };
+            let ids = meta.tokenizer.encode_prompt(&text)?;
+            let replay = match replay {
+                Some(source) => Some(replay_ids(source, set, prompt, &ids)?),
+                None => None,
+            };
+            let steps = replay.as_ref().map_or(settings.max_new_tokens, Vec::len);
+            // The last step's pass holds N + steps - 1 tokens.
+            if ids.len() + steps - 1 > limit {
+                return Err(CaptureError::InvalidArgument(format!(
+                    "prompt {} of set {set} has {} tokens; with {steps} new tokens it exceeds the model's context of {limit} positions: shorten it or lower --max-new-tokens",
+                    prompt.id,
+                    ids.len()
+                )));
+            }
+            Ok(PreparedPrompt {
+                set: set.to_owned(),
+                prompt: prompt.clone(),
+                ids,
+                replay,
+            })
+        })
+        .collect()
+}
+
+/// Captures one prepared prompt with a loaded model and builds its
+/// artifacts; `on_token` runs after every response token.
+pub fn capture_prepared(
+    meta: &ModelMeta,
+    model: &Gemma2,
+    settings: &CaptureSettings,
+    item: &PreparedPrompt,
+    on_token: &mut dyn FnMut(),
+) -> Result<CapturedPrompt> {
+    let prompt_key = format!("{}/{}", item.set, item.prompt.id);
+    let plan = match &item.replay {
+        Some(ids) => ResponsePlan::Replay(ids),
+        None => ResponsePlan::Generate {
+            sampling: &settings.sampling,
+            max_new_tokens: settings.max_new_tokens,
+            eos_ids: &meta.eos_ids,
+            prompt_key: &prompt_key,
+        },
+    };
+    let request = settings.mode.request(meta.config.num_hidden_layers);
+    let trace = capture_prompt(model, &item.ids, &request, plan, on_token)?;
+    let prompt_texts = TokenTexts {
+        text: item.prompt.text.clone(),
+        tokens: meta.tokenizer.token_strings(&trace.prompt_ids)?,
+        token_ids: trace.prompt_ids.clone(),
+    };
+    let response_texts = TokenTexts {
+        text: meta.tokenizer.text(&trace.response_ids)?,
+        tokens: meta.tokenizer.token_strings(&trace.response_ids)?,
+        token_ids: trace.response_ids.clone(),
+    };
+    let store = settings.store_dtype;
+    let artifacts = match &settings.mode {
+        CaptureMode::Residual => vec![PromptArtifact {
+            key: residual_key(&item.set, &item.prompt.id),
+            layer: None,
+            value: residual_artifact(&trace, &prompt_texts, &response_texts, store),
+        }],
+        CaptureMode::Internals { layers } => layers
+            .iter()
+            .map(|&l| {
+                let layer = trace.layer(l).expect("requested layers are traced");
+                PromptArtifact {
+                    key: internals_key(&item.set, &item.prompt.id, l),
+                    layer: Some(l),
+                    value: internals_artifact(&trace, layer, &prompt_texts, &response_texts, store),
+                }
+            })
+            .collect(),
+    };
+    Ok(CapturedPrompt {
+        set: item.set.clone(),
+        prompt_id: item.prompt.id.clone(),
+        mode: settings.mode.name(),
+        prompt_tokens: trace.prompt_ids.len(),
+        response_tokens: trace.response_ids.len(),
+        artifacts,
+    })
+}
