@@ -38,9 +38,11 @@
 //! ([`LEASE_LOST_PREFIX`]), and its result is discarded, never merged.
 //!
 //! Workers write an attempt's files under the job's `staging_prefix`, never
-//! at the documented keys; only an accepted `CompleteJob` promotes them, in
-//! the same transaction that records the job as succeeded, so a late worker
-//! can never overwrite the accepted attempt's artifacts.
+//! at the documented keys. An accepted `CompleteJob` records the job as
+//! succeeded and its artifact rows in one transaction; the coordinator then
+//! promotes exactly that attempt's staged files (again at run finalization,
+//! idempotently, so a crash in between is repaired), so a late worker can
+//! never overwrite the accepted attempt's artifacts.
 //!
 //! A cancelled run's heartbeats answer `cancel_requested = true`; its later
 //! completions fail with [`CaptureServiceError::Cancelled`] (`ABORTED`).
