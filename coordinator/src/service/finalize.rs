@@ -32,8 +32,9 @@ pub const RUN_MANIFEST_FORMAT: &str = "capture-run-manifest/1";
 
 impl Coordinator {
     /// Promotes one accepted attempt's artifacts (right after its
-    /// completion). Errors are logged; the sweep repeats the promotion.
-    pub(crate) async fn promote_job(&self, run: RunId, job: JobId, attempt: i32) {
+    /// completion, with the keys it recorded). Errors are logged; the
+    /// finalizer repeats the promotion.
+    pub(crate) async fn promote_job(&self, run: RunId, job: JobId, attempt: i32, keys: &[&str]) {
         let result = async {
             let status = self
                 .queue
@@ -43,18 +44,8 @@ impl Coordinator {
             let store = self
                 .run_store(run, &status.run.spec)
                 .map_err(|e| e.to_string())?;
-            let artifacts = self
-                .queue
-                .list_artifacts(run)
-                .await
-                .map_err(|e| e.to_string())?;
-            let keys: Vec<&str> = artifacts
-                .iter()
-                .filter(|a| a.job_id == job && a.attempt == attempt)
-                .map(|a| a.artifact.key.as_str())
-                .collect();
             store
-                .promote(&job.to_string(), attempt_number(attempt), &keys)
+                .promote(&job.to_string(), attempt_number(attempt), keys)
                 .await
                 .map_err(|e| e.to_string())
         }

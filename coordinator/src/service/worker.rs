@@ -331,8 +331,9 @@ impl WorkerService for WorkerApi {
                     bytes = stats.bytes_written,
                     "job completed"
                 );
+                let keys: Vec<&str> = rows.iter().map(|row| row.key.as_str()).collect();
                 self.coordinator
-                    .promote_job(completed.run_id, job_id, attempt)
+                    .promote_job(completed.run_id, job_id, attempt, &keys)
                     .await;
                 self.after_job_finished(completed.run_id, completed.run_finished.is_some())
                     .await;
