@@ -8,6 +8,7 @@ const PROTO_FILES: &[&str] = &[
     "proto/capture/v1/common.proto",
     "proto/capture/v1/capture_service.proto",
     "proto/capture/v1/worker_service.proto",
+    "proto/capture/v1/query_service.proto",
 ];
 
 fn main() {

@@ -108,6 +108,22 @@ pub enum Command {
     ///
     ///   coordinator retry 0190f5c2-7a3e-7b1c-9d2a-3c4b5d6e7f80 --coordinator http://10.0.0.5:50051
     Retry(RunArgs),
+    /// Analyse captured runs without downloading them: runs, artifacts, projections, dynamics, comparisons, tensors.
+    ///
+    /// Reads run records from the coordinator's database and only the bytes
+    /// each answer needs from the artifacts (ranged reads of the .pt files).
+    /// With --coordinator URL the coordinator's QueryService answers; without,
+    /// the embedded state of `coordinator submit` (--state-dir, --store) is
+    /// read in this process. JSON by default, --format csv on request,
+    /// --plot FILE.png for pictures. Examples:
+    ///
+    ///   coordinator query runs --experiment exp1
+    ///
+    ///   coordinator query project RUN --vector experiments/my_exp --trait behavior/refusal --layers 16 --plot refusal.png
+    ///
+    ///   coordinator query compare RUN_A RUN_B --vector refusal_probe_layer16.pt --format csv
+    #[command(subcommand)]
+    Query(crate::client::query::QueryCommand),
 }
 
 #[derive(Debug, Args)]
@@ -150,6 +166,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Runs(args) => crate::client::runs_command(&args).await,
         Command::Cancel(args) => crate::client::cancel_command(&args).await,
         Command::Retry(args) => crate::client::retry_command(&args).await,
+        Command::Query(command) => crate::client::query::query_command(&command).await,
     }
 }
 

@@ -31,9 +31,10 @@ use crate::queue::{Queue, RetryPolicy};
 use crate::server::{ServerConfig, serve};
 use crate::service::{Coordinator, LeaseTiming};
 
-/// Flags of `coordinator submit` that only embedded mode uses.
+/// Where embedded mode keeps its state: the queue's state directory and
+/// the artifact store (shared by `submit` and `query`).
 #[derive(Debug, Clone, Args)]
-pub struct EmbeddedArgs {
+pub struct LocalStateArgs {
     /// Embedded mode: where the job queue (queue.db) lives
     /// [default: $CAPTURE_STATE_DIR, else $XDG_STATE_HOME/capture, else ~/.local/state/capture]
     #[arg(long, value_name = "DIR")]
@@ -46,6 +47,13 @@ pub struct EmbeddedArgs {
         value_name = "URL"
     )]
     pub store: String,
+}
+
+/// Flags of `coordinator submit` that only embedded mode uses.
+#[derive(Debug, Clone, Args)]
+pub struct EmbeddedArgs {
+    #[command(flatten)]
+    pub local: LocalStateArgs,
     /// Embedded mode: device of the in-process worker (cpu or cuda:N)
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -55,8 +63,8 @@ pub struct EmbeddedArgs {
     pub dtype: Option<String>,
 }
 
-fn state_dir(args: &EmbeddedArgs) -> anyhow::Result<PathBuf> {
-    if let Some(dir) = &args.state_dir {
+fn state_dir(given: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = given {
         return Ok(dir.clone());
     }
     if let Some(dir) = std::env::var_os("CAPTURE_STATE_DIR").filter(|d| !d.is_empty()) {
@@ -69,6 +77,40 @@ fn state_dir(args: &EmbeddedArgs) -> anyhow::Result<PathBuf> {
         .filter(|h| !h.is_empty())
         .context("cannot find a state directory: set --state-dir, CAPTURE_STATE_DIR or HOME")?;
     Ok(PathBuf::from(home).join(".local/state/capture"))
+}
+
+/// The embedded coordinator's state: the SQLite queue in the state
+/// directory (`state_dir`, else the default) and the store at `store_url`.
+/// With `create`, missing directories are made; without (queries), a
+/// missing state directory is an error that says how runs get there.
+pub async fn open_local(
+    state_dir_arg: Option<&PathBuf>,
+    store_url: &str,
+    create: bool,
+) -> anyhow::Result<Arc<Coordinator>> {
+    let state = state_dir(state_dir_arg)?;
+    let queue_file = state.join("queue.db");
+    if create {
+        std::fs::create_dir_all(&state)
+            .with_context(|| format!("cannot create the state directory {}", state.display()))?;
+    } else if !queue_file.exists() {
+        anyhow::bail!(
+            "no embedded runs in {}: runs submitted without --coordinator live there (see --state-dir); for a cluster pass --coordinator URL",
+            state.display()
+        );
+    }
+    let database_url = format!("sqlite://{}?mode=rwc", queue_file.display());
+    let queue = Queue::connect(&database_url)
+        .await
+        .with_context(|| format!("opening the embedded job queue {database_url}"))?
+        .with_retry_policy(RetryPolicy::default());
+    if create && !store_url.contains("://") {
+        std::fs::create_dir_all(store_url)
+            .with_context(|| format!("cannot create the store directory {store_url}"))?;
+    }
+    let store = ArtifactStore::from_url(store_url, &StoreOptions::default())
+        .with_context(|| format!("opening the artifact store {store_url}"))?;
+    Ok(Coordinator::new(queue, store, LeaseTiming::default()))
 }
 
 /// `coordinator submit` with no `--coordinator`.
@@ -85,22 +127,9 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<ExitCode> {
         .transpose()
         .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
 
-    let state = state_dir(embedded)?;
-    std::fs::create_dir_all(&state)
-        .with_context(|| format!("cannot create the state directory {}", state.display()))?;
-    let database_url = format!("sqlite://{}?mode=rwc", state.join("queue.db").display());
-    let queue = Queue::connect(&database_url)
-        .await
-        .with_context(|| format!("opening the embedded job queue {database_url}"))?
-        .with_retry_policy(RetryPolicy::default());
-    if !embedded.store.contains("://") {
-        std::fs::create_dir_all(&embedded.store)
-            .with_context(|| format!("cannot create the store directory {}", embedded.store))?;
-    }
-    let store = ArtifactStore::from_url(&embedded.store, &StoreOptions::default())
-        .with_context(|| format!("opening the artifact store {}", embedded.store))?;
     let timing = LeaseTiming::default();
-    let coordinator = Coordinator::new(queue, store, timing);
+    let state = state_dir(embedded.local.state_dir.as_ref())?;
+    let coordinator = open_local(Some(&state), &embedded.local.store, true).await?;
     // Interrupted runs of earlier invocations: finalize those that ended.
     coordinator.finalize_pending().await;
 
@@ -132,7 +161,7 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<ExitCode> {
     let worker = tokio::spawn(run_worker(
         PullOptions {
             coordinator: client_config.clone(),
-            store_url: embedded.store.clone(),
+            store_url: embedded.local.store.clone(),
             store_options: StoreOptions::default(),
             model: ModelSource {
                 spec: args.model.clone(),

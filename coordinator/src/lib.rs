@@ -20,6 +20,7 @@ pub mod cli;
 pub mod client;
 pub mod embedded;
 pub mod plan;
+pub mod query;
 pub mod queue;
 pub mod server;
 pub mod service;

@@ -11,12 +11,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use capture_proto::client::{MAX_MESSAGE_BYTES, RequireToken};
 use capture_proto::tonic::transport::{Identity, Server, ServerTlsConfig};
-use capture_proto::{CaptureServiceServer, Token, WorkerServiceServer};
+use capture_proto::{CaptureServiceServer, QueryServiceServer, Token, WorkerServiceServer};
 use capture_worker::store::{ArtifactStore, StoreOptions};
 use clap::Args;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
+use crate::query::QueryApi;
 use crate::queue::{JobQueue, Queue, RetryPolicy};
 use crate::service::{CaptureApi, Coordinator, LeaseTiming, WorkerApi};
 
@@ -29,7 +30,8 @@ pub struct ServeArgs {
     pub database_url: String,
     /// Where artifacts go: s3://bucket/prefix (AWS_* variables; AWS_ENDPOINT_URL
     /// or CAPTURE_S3_ENDPOINT for MinIO and other S3-compatible stores),
-    /// file:///dir, or a local directory path.
+    /// gs://bucket/prefix (GOOGLE_APPLICATION_CREDENTIALS), az://container/prefix
+    /// (AZURE_STORAGE_ACCOUNT_NAME and _KEY), file:///dir, or a local directory path.
     #[arg(long, env = "CAPTURE_STORE")]
     pub store: String,
     /// Address to listen on (use 0.0.0.0:50051 to accept other machines).
@@ -178,8 +180,17 @@ pub async fn serve(
     health_reporter
         .set_serving::<WorkerServiceServer<WorkerApi>>()
         .await;
+    health_reporter
+        .set_serving::<QueryServiceServer<QueryApi>>()
+        .await;
     let capture = capture_proto::tonic::service::interceptor::InterceptedService::new(
         CaptureServiceServer::new(CaptureApi::new(Arc::clone(&coordinator)))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        RequireToken::new(config.client_token.clone()),
+    );
+    let query = capture_proto::tonic::service::interceptor::InterceptedService::new(
+        QueryServiceServer::new(QueryApi::new(Arc::clone(&coordinator)))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
         RequireToken::new(config.client_token.clone()),
@@ -194,6 +205,10 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .tcp_keepalive(Some(Duration::from_secs(60)));
     if let Some((cert, key)) = &config.tls {
+        // rustls is built with both aws-lc-rs and ring (hf-hub's ureq wants
+        // ring), so it cannot pick a provider on its own, and tonic's server
+        // asks for the process default: name it (an error means one is set).
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let cert_pem = std::fs::read(cert)
             .with_context(|| format!("cannot read the TLS certificate {}", cert.display()))?;
         let key_pem = std::fs::read(key)
@@ -207,6 +222,7 @@ pub async fn serve(
     let served = builder
         .add_service(health_service)
         .add_service(capture)
+        .add_service(query)
         .add_service(worker)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;

@@ -17,6 +17,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
 
 use crate::v1::capture_service_client::CaptureServiceClient;
+use crate::v1::query_service_client::QueryServiceClient;
 use crate::v1::worker_service_client::WorkerServiceClient;
 
 /// Largest message either side accepts (a job's prompts, a completion's
@@ -151,9 +152,24 @@ impl Interceptor for RequireToken {
                 "the bearer token is not valid for this service",
             )),
             None => Err(Status::unauthenticated(
-                "this service needs a bearer token: pass --token or set CAPTURE_TOKEN",
+                "this service needs a bearer token: pass --token or set CAPTURE_TOKEN (workers: CAPTURE_WORKER_TOKEN)",
             )),
         }
+    }
+}
+
+/// What to do about a TLS failure described by `text` (an error's message
+/// or its chain): `None` when it is not a certificate problem. Certificate
+/// problems never heal by retrying.
+pub fn tls_hint(text: &str) -> Option<&'static str> {
+    if text.contains("invalid peer certificate") || text.contains("UnknownIssuer") {
+        Some(
+            "the coordinator's TLS certificate is not trusted: pass --tls-ca with the certificate (or CA) it serves",
+        )
+    } else if text.contains("h2 protocol error") || text.contains("http2 error") {
+        Some("is the coordinator serving TLS? then use an https:// URL")
+    } else {
+        None
     }
 }
 
@@ -166,6 +182,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// A client of the client-facing service, with its token attached.
 pub type CaptureClient = CaptureServiceClient<InterceptedService<Channel, AttachToken>>;
+/// A client of the query service, with its (client) token attached.
+pub type QueryClient = QueryServiceClient<InterceptedService<Channel, AttachToken>>;
 /// A client of the worker-facing service, with its token attached.
 pub type WorkerClient = WorkerServiceClient<InterceptedService<Channel, AttachToken>>;
 
@@ -220,6 +238,13 @@ fn endpoint(config: &ClientConfig) -> Result<Endpoint, ConnectError> {
 /// The client-facing service over `channel`, sending `token`.
 pub fn capture_client(channel: Channel, token: Option<&Token>) -> CaptureClient {
     CaptureServiceClient::with_interceptor(channel, AttachToken::new(token))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// The query service over `channel`, sending `token` (the client token).
+pub fn query_client(channel: Channel, token: Option<&Token>) -> QueryClient {
+    QueryServiceClient::with_interceptor(channel, AttachToken::new(token))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }

@@ -17,6 +17,10 @@
 //!   worker has loaded, heartbeat it, complete it with the list of artifacts
 //!   it wrote, fail it (retryable or not), release it on shutdown, and
 //!   register / deregister the worker.
+//! - [`QueryService`] (clients such as `coordinator query`): list runs and
+//!   artifacts with filters, project a run's residual artifacts onto trait
+//!   vectors, score dynamics, compare runs and read tensor slices, all
+//!   served from ranged reads of the artifacts.
 //! - The standard `grpc.health.v1` health service, from [`tonic_health`]:
 //!   servers add the service returned by
 //!   `tonic_health::server::health_reporter()` next to their own.
@@ -68,13 +72,15 @@ pub use tonic;
 pub use tonic_health;
 
 pub use client::{
-    CaptureClient, ClientConfig, ConnectError, Token, WorkerClient, capture_client, connect,
-    connect_lazy, worker_client,
+    CaptureClient, ClientConfig, ConnectError, QueryClient, Token, WorkerClient, capture_client,
+    connect, connect_lazy, query_client, tls_hint, worker_client,
 };
 pub use error::{CaptureServiceError, LEASE_LOST_PREFIX};
 pub use ids::{Attempt, Fence, IdParseError, JobId, RunId, WorkerId};
 pub use v1::capture_service_client::CaptureServiceClient;
 pub use v1::capture_service_server::{CaptureService, CaptureServiceServer};
+pub use v1::query_service_client::QueryServiceClient;
+pub use v1::query_service_server::{QueryService, QueryServiceServer};
 pub use v1::worker_service_client::WorkerServiceClient;
 pub use v1::worker_service_server::{WorkerService, WorkerServiceServer};
 pub use wire::{DEFAULT_LIST_LIMIT, DEFAULT_MAX_NEW_TOKENS, DEFAULT_SHARD_SIZE};

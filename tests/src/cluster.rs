@@ -77,8 +77,22 @@ pub fn fresh_bucket() -> String {
     bucket
 }
 
+/// Variables that would hand a process a coordinator, token or TLS file
+/// behind the test's back: the cluster passes all of them as flags.
+const CONNECTION_ENV: [&str; 6] = [
+    "CAPTURE_COORDINATOR",
+    "CAPTURE_TOKEN",
+    "CAPTURE_WORKER_TOKEN",
+    "CAPTURE_TLS_CA",
+    "CAPTURE_TLS_CERT",
+    "CAPTURE_TLS_KEY",
+];
+
 /// Environment every cluster process gets: the S3 endpoint and logs.
 fn cluster_env(cmd: &mut Command) -> &mut Command {
+    for name in CONNECTION_ENV {
+        cmd.env_remove(name);
+    }
     cmd.env("AWS_ENDPOINT_URL", s3_endpoint())
         .env("AWS_ALLOW_HTTP", "true")
         .env(
@@ -95,7 +109,7 @@ pub fn coordinator() -> Command {
 }
 
 /// A running child process, killed (SIGKILL) and reaped on drop. Its
-/// stderr goes to a log file, kept for failure messages.
+/// stderr and stdout go to a log file, kept for failure messages.
 #[derive(Debug)]
 pub struct Process {
     pub name: String,
@@ -158,8 +172,9 @@ impl Drop for Process {
 fn spawn(name: &str, cmd: &mut Command, log_dir: &Path) -> Process {
     let log = log_dir.join(format!("{}.log", unique_name(name)));
     let file = std::fs::File::create(&log).expect("create a log file");
+    let stdout = file.try_clone().expect("share the log file");
     let child = cmd
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .stderr(file)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
@@ -187,6 +202,57 @@ impl Default for ClusterTiming {
     }
 }
 
+/// The PEM certificate and key a coordinator serves TLS with.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// TLS and bearer tokens of a cluster's coordinator; none by default.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterSecurity {
+    /// Serve TLS; clients and workers then reach the coordinator at
+    /// `https://localhost:PORT`, trusting `cert` (which must name
+    /// `localhost`).
+    pub tls: Option<TlsFiles>,
+    /// `coordinator serve --token`, sent by [`Cluster::client`].
+    pub client_token: Option<String>,
+    /// `coordinator serve --worker-token`, sent by [`Cluster::start_worker`].
+    pub worker_token: Option<String>,
+}
+
+/// How a client command or worker presents itself to the coordinator.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    /// `--token`.
+    pub token: Option<String>,
+    /// `--tls-ca`.
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl Credentials {
+    fn add_to(&self, cmd: &mut Command) {
+        if let Some(token) = &self.token {
+            cmd.args(["--token", token]);
+        }
+        if let Some(ca) = &self.tls_ca {
+            cmd.arg("--tls-ca").arg(ca);
+        }
+    }
+}
+
+/// Everything [`Cluster::start_with`] can vary.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    pub timing: ClusterTiming,
+    pub security: ClusterSecurity,
+    /// `RUST_LOG` of the coordinator, the workers and the client commands
+    /// (default: `CAPTURE_E2E_LOG` or `info` for the servers, `warn` for
+    /// the clients).
+    pub log_filter: Option<String>,
+}
+
 /// A coordinator on a fresh database and bucket, plus workers.
 #[derive(Debug)]
 pub struct Cluster {
@@ -195,6 +261,8 @@ pub struct Cluster {
     pub store: String,
     pub listen: String,
     pub timing: ClusterTiming,
+    pub security: ClusterSecurity,
+    pub log_filter: Option<String>,
     pub coordinator: Option<Process>,
     pub workers: Vec<Process>,
     pub logs: tempfile::TempDir,
@@ -211,13 +279,23 @@ pub fn free_port() -> u16 {
 impl Cluster {
     /// Fresh database and bucket, coordinator started and answering.
     pub fn start(timing: ClusterTiming) -> Self {
+        Self::start_with(ClusterOptions {
+            timing,
+            ..ClusterOptions::default()
+        })
+    }
+
+    /// [`Cluster::start`] with TLS, tokens or another log filter.
+    pub fn start_with(options: ClusterOptions) -> Self {
         let bucket = fresh_bucket();
         let mut cluster = Self {
             database_url: fresh_database("capture_e2e"),
             store: format!("s3://{bucket}/captures"),
             bucket,
             listen: format!("127.0.0.1:{}", free_port()),
-            timing,
+            timing: options.timing,
+            security: options.security,
+            log_filter: options.log_filter,
             coordinator: None,
             workers: Vec::new(),
             logs: tempfile::tempdir().expect("a log directory"),
@@ -226,8 +304,38 @@ impl Cluster {
         cluster
     }
 
+    /// `http://127.0.0.1:PORT`, or `https://localhost:PORT` with TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.listen)
+        match &self.security.tls {
+            None => format!("http://{}", self.listen),
+            Some(_) => format!("https://localhost:{}", self.port()),
+        }
+    }
+
+    /// The port the coordinator listens on.
+    pub fn port(&self) -> u16 {
+        self.listen
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse().ok())
+            .expect("--listen ends with :PORT")
+    }
+
+    /// What [`Cluster::client`] sends: the client token, trusting the
+    /// coordinator's certificate.
+    pub fn client_credentials(&self) -> Credentials {
+        Credentials {
+            token: self.security.client_token.clone(),
+            tls_ca: self.security.tls.as_ref().map(|tls| tls.cert.clone()),
+        }
+    }
+
+    /// What [`Cluster::start_worker`] sends: the worker token, trusting the
+    /// coordinator's certificate.
+    pub fn worker_credentials(&self) -> Credentials {
+        Credentials {
+            token: self.security.worker_token.clone(),
+            tls_ca: self.security.tls.as_ref().map(|tls| tls.cert.clone()),
+        }
     }
 
     /// Starts (or restarts) `coordinator serve` and waits until it answers.
@@ -244,6 +352,21 @@ impl Cluster {
             ])
             .args(["--sweep-seconds", "0.5"])
             .args(["--retry-delay-seconds", "0.5"]);
+        if let Some(tls) = &self.security.tls {
+            cmd.arg("--tls-cert")
+                .arg(&tls.cert)
+                .arg("--tls-key")
+                .arg(&tls.key);
+        }
+        if let Some(token) = &self.security.client_token {
+            cmd.args(["--token", token]);
+        }
+        if let Some(token) = &self.security.worker_token {
+            cmd.args(["--worker-token", token]);
+        }
+        if let Some(filter) = &self.log_filter {
+            cmd.env("RUST_LOG", filter);
+        }
         let process = spawn("coordinator", &mut cmd, self.logs.path());
         self.coordinator = Some(process);
         self.wait_for_coordinator();
@@ -278,25 +401,42 @@ impl Cluster {
             .unwrap_or_default()
     }
 
-    /// `coordinator SUBCOMMAND --coordinator URL`.
+    /// `coordinator SUBCOMMAND --coordinator URL` with the client
+    /// credentials.
     pub fn client(&self, subcommand: &str) -> Command {
+        self.client_as(subcommand, &self.client_credentials())
+    }
+
+    /// `coordinator SUBCOMMAND --coordinator URL` with `credentials`.
+    pub fn client_as(&self, subcommand: &str, credentials: &Credentials) -> Command {
         let mut cmd = coordinator();
         cmd.arg(subcommand)
             .args(["--coordinator", &self.url()])
-            .env("RUST_LOG", "warn");
+            .env("RUST_LOG", self.log_filter.as_deref().unwrap_or("warn"));
+        credentials.add_to(&mut cmd);
         cmd
     }
 
-    /// Starts a `worker run` process on the tiny model.
+    /// Starts a `worker run` process on the tiny model, with the worker
+    /// credentials.
     pub fn start_worker(&mut self, extra: &[&str]) -> usize {
+        self.start_worker_as(&self.worker_credentials(), extra)
+    }
+
+    /// Starts a `worker run` process on the tiny model, with `credentials`.
+    pub fn start_worker_as(&mut self, credentials: &Credentials, extra: &[&str]) -> usize {
         let mut cmd = Command::new(workspace_bin("worker"));
         cluster_env(&mut cmd);
         cmd.arg("run")
             .args(["--coordinator", &self.url()])
             .args(["--store", &self.store])
             .arg("--model")
-            .arg(tiny_model())
-            .args(extra);
+            .arg(tiny_model());
+        credentials.add_to(&mut cmd);
+        if let Some(filter) = &self.log_filter {
+            cmd.env("RUST_LOG", filter);
+        }
+        cmd.args(extra);
         let name = format!("worker{}", self.workers.len());
         self.workers.push(spawn(&name, &mut cmd, self.logs.path()));
         self.workers.len() - 1

@@ -164,7 +164,7 @@ pub struct RunArgs {
     /// The coordinator's gRPC address: http://host:port or https://host:port
     #[arg(long, env = "CAPTURE_COORDINATOR")]
     pub coordinator: String,
-    /// The artifact store, the same as the coordinator's: s3://bucket/prefix, file:///dir or a local directory
+    /// The artifact store, the same as the coordinator's: s3://bucket/prefix, gs://bucket/prefix, az://container/prefix, file:///dir or a local directory
     #[arg(long, env = "CAPTURE_STORE")]
     pub store: String,
     /// S3 endpoint for MinIO or another S3-compatible server, e.g. http://127.0.0.1:9000 (default: AWS_ENDPOINT_URL)

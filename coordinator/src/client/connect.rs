@@ -47,6 +47,11 @@ impl Connector {
     }
 
     /// The coordinator's URL.
+    /// The connection settings.
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
     pub fn url(&self) -> &str {
         &self.config.url
     }
@@ -57,6 +62,11 @@ impl Connector {
         match connect(&self.config).await {
             Ok(channel) => Ok(capture_client(channel, self.config.token.as_ref())),
             Err(ConnectError::Unreachable { url, reason }) => {
+                if let Some(hint) = capture_proto::tls_hint(&reason) {
+                    return Err(anyhow!(
+                        "cannot reach the coordinator at {url}: {reason} ({hint})"
+                    ));
+                }
                 let embedded = if self.suggest_embedded {
                     ", or leave out --coordinator to run an embedded one"
                 } else {
@@ -76,7 +86,10 @@ impl Connector {
 /// [`CaptureServiceError`] stays reachable with `downcast_ref`.
 pub fn call_error(doing: impl Into<String>, status: &Status) -> anyhow::Error {
     let error = CaptureServiceError::from_status(status);
-    let doing = doing.into();
+    let mut doing = doing.into();
+    if let Some(hint) = capture_proto::tls_hint(&format!("{status} {}", error_chain(status))) {
+        doing = format!("{doing} ({hint})");
+    }
     match (&error, status.code()) {
         (CaptureServiceError::Unavailable(_), Code::Unavailable) => anyhow::Error::new(error)
             .context(format!(
@@ -84,6 +97,18 @@ pub fn call_error(doing: impl Into<String>, status: &Status) -> anyhow::Error {
             )),
         _ => anyhow::Error::new(error).context(doing),
     }
+}
+
+/// The sources of `status`, joined, for recognising transport failures.
+fn error_chain(status: &Status) -> String {
+    let mut text = String::new();
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        text.push_str(&error.to_string());
+        text.push(' ');
+        source = error.source();
+    }
+    text
 }
 
 /// Whether a watch that failed with `status` should reconnect and go on:

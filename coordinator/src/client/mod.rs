@@ -35,6 +35,7 @@
 
 mod args;
 mod connect;
+pub mod query;
 pub mod render;
 mod spec;
 mod status;

@@ -488,7 +488,7 @@ fn datetime(timestamp: &Timestamp) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp(timestamp.seconds, nanos)
 }
 
-fn rfc3339(timestamp: &Timestamp) -> String {
+pub fn rfc3339(timestamp: &Timestamp) -> String {
     datetime(timestamp)
         .map(|time| time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
         .unwrap_or_default()

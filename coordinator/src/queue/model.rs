@@ -354,6 +354,16 @@ pub struct RunStatus {
 pub struct RunFilter {
     pub experiment: Option<String>,
     pub state: Option<RunState>,
+    /// Runs whose spec names this prompt set.
+    pub prompt_set: Option<String>,
+    /// Runs capturing this mode (`residual` or `internals`).
+    pub mode: Option<String>,
+    pub model_id: Option<String>,
+    pub model_revision: Option<String>,
+    /// Created at or after this instant.
+    pub created_after: Option<DateTime<Utc>>,
+    /// Created strictly before this instant.
+    pub created_before: Option<DateTime<Utc>>,
     pub limit: u32,
 }
 
@@ -362,6 +372,12 @@ impl Default for RunFilter {
         Self {
             experiment: None,
             state: None,
+            prompt_set: None,
+            mode: None,
+            model_id: None,
+            model_revision: None,
+            created_after: None,
+            created_before: None,
             limit: 100,
         }
     }

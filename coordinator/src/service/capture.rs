@@ -14,7 +14,7 @@ use tracing::info;
 use super::Coordinator;
 use super::convert::{self, queue_error};
 use crate::plan::plan_run;
-use crate::queue::{JobQueue, RunFilter, RunId};
+use crate::queue::{JobQueue, RunFilter};
 
 /// How often WatchRun looks at the run.
 const WATCH_POLL: Duration = Duration::from_millis(300);
@@ -57,25 +57,6 @@ impl CaptureApi {
             ),
             pb::replay_source::Source::RootUrl(url) => Ok(Some(url.clone())),
         }
-    }
-
-    async fn run_message(&self, run: RunId, with_jobs: bool) -> Result<pb::Run, Status> {
-        let queue = &self.coordinator.queue;
-        let status = queue.run_status(run).await.map_err(queue_error)?;
-        let mut message = convert::run(
-            &status,
-            self.coordinator.artifact_root(run, &status.run.spec),
-        );
-        if with_jobs {
-            message.job_details = queue
-                .list_jobs(run)
-                .await
-                .map_err(queue_error)?
-                .iter()
-                .map(convert::job_info)
-                .collect();
-        }
-        Ok(message)
     }
 }
 
@@ -126,7 +107,9 @@ impl CaptureService for CaptureApi {
         let request = request.into_inner();
         let run = convert::run_id(&request.run_id)?;
         Ok(Response::new(
-            self.run_message(run, request.include_jobs).await?,
+            self.coordinator
+                .run_message(run, request.include_jobs)
+                .await?,
         ))
     }
 
@@ -144,6 +127,7 @@ impl CaptureService for CaptureApi {
             experiment: (!request.experiment.is_empty()).then_some(request.experiment),
             state: convert::run_state_filter(state),
             limit,
+            ..RunFilter::default()
         };
         let records = self
             .coordinator
@@ -153,7 +137,7 @@ impl CaptureService for CaptureApi {
             .map_err(queue_error)?;
         let mut runs = Vec::with_capacity(records.len());
         for record in records {
-            runs.push(self.run_message(record.id, false).await?);
+            runs.push(self.coordinator.run_message(record.id, false).await?);
         }
         Ok(Response::new(pb::ListRunsResponse {
             runs,

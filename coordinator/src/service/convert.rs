@@ -216,3 +216,30 @@ pub(crate) fn progress(status: &RunStatus, observed_at: DateTime<Utc>) -> pb::Ru
         observed_at: Some(timestamp(observed_at)),
     }
 }
+
+/// The wire form of a recorded artifact.
+pub(crate) fn artifact_record(row: &queue::ArtifactRow) -> pb::ArtifactRecord {
+    let mode = match row.mode.as_str() {
+        "residual" => pb::CaptureModeKind::Residual,
+        "internals" => pb::CaptureModeKind::Internals,
+        _ => pb::CaptureModeKind::Unspecified,
+    };
+    pb::ArtifactRecord {
+        key: row.key.clone(),
+        bytes: u64::try_from(row.size_bytes).unwrap_or(0),
+        sha256: row.sha256.clone(),
+        prompt_set: row.prompt_set.clone(),
+        prompt_id: row.prompt_id.clone(),
+        mode: mode as i32,
+        layer: row.layer.and_then(|l| u32::try_from(l).ok()),
+        prompt_tokens: row
+            .prompt_tokens
+            .and_then(|t| u32::try_from(t).ok())
+            .unwrap_or(0),
+        response_tokens: row
+            .response_tokens
+            .and_then(|t| u32::try_from(t).ok())
+            .unwrap_or(0),
+        shapes_json: row.shapes.to_string(),
+    }
+}

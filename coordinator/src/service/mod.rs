@@ -7,6 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use capture_proto::CaptureServiceError;
+use capture_proto::v1 as pb;
+
+use self::convert::queue_error;
+use crate::queue::JobQueue;
 use capture_worker::store::{ArtifactStore, RunStore};
 
 use crate::plan::ModelCatalog;
@@ -81,6 +85,27 @@ impl Coordinator {
         self.store
             .run(&spec.experiment, &run.to_string())
             .map_err(|e| CaptureServiceError::Internal(e.to_string()))
+    }
+
+    /// The wire form of a run, with its jobs when `with_jobs`.
+    pub(crate) async fn run_message(
+        &self,
+        run: RunId,
+        with_jobs: bool,
+    ) -> Result<pb::Run, CaptureServiceError> {
+        let queue = &self.queue;
+        let status = queue.run_status(run).await.map_err(queue_error)?;
+        let mut message = convert::run(&status, self.artifact_root(run, &status.run.spec));
+        if with_jobs {
+            message.job_details = queue
+                .list_jobs(run)
+                .await
+                .map_err(queue_error)?
+                .iter()
+                .map(convert::job_info)
+                .collect();
+        }
+        Ok(message)
     }
 
     pub(crate) fn artifact_root(&self, run: RunId, spec: &RunSpec) -> String {

@@ -37,8 +37,8 @@ const fn build_tables() -> [[u32; 256]; 8] {
     tables
 }
 
-/// CRC-32 of `data`.
-pub(super) fn crc32(data: &[u8]) -> u32 {
+/// CRC-32 of `data` (the checksum zip entries carry).
+pub fn crc32(data: &[u8]) -> u32 {
     let mut crc = !0u32;
     let mut chunks = data.chunks_exact(8);
     for c in &mut chunks {

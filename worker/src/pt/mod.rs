@@ -29,6 +29,7 @@ mod tests;
 use std::path::PathBuf;
 
 pub use archive::{PtIndex, decode_pt, encode_pt};
+pub use crc32::crc32;
 pub use file::{PtFileInfo, archive_name, read_pt_file, write_file_atomic, write_pt_file};
 pub use tensor::{PtDtype, PtTensor, StoreDtype};
 pub use tensor_ref::{TensorRef, TensorSpan};

@@ -112,6 +112,8 @@ pub enum PullError {
     Store(StoreError),
     #[error("the coordinator refused this worker: {0}")]
     Refused(CaptureServiceError),
+    #[error("cannot talk to the coordinator over TLS: {error} ({hint})")]
+    Tls { error: String, hint: &'static str },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -340,6 +342,7 @@ async fn register(worker: &Worker, shutdown: &mut Shutdown) -> Result<Option<Dur
             Ok(Some(interval))
         }
         Err(status) => {
+            rpc::fail_on_tls(&status)?;
             let error = CaptureServiceError::from_status(&status);
             if rpc::is_fatal(&error) {
                 return Err(PullError::Refused(error));
@@ -385,6 +388,7 @@ async fn claim(worker: &Worker) -> Result<Claim, PullError> {
                 });
             }
             Err(status) => {
+                rpc::fail_on_tls(&status)?;
                 let error = CaptureServiceError::from_status(&status);
                 if rpc::is_fatal(&error) {
                     return Err(PullError::Refused(error));

@@ -116,18 +116,18 @@ pub(crate) fn relative_root(store: &StoreUrl, root: &str) -> Result<String, JobE
     }
     let url = StoreUrl::parse(root)?;
     let relative = match (store, &url) {
-        (
-            StoreUrl::S3 { bucket, prefix },
-            StoreUrl::S3 {
-                bucket: their_bucket,
-                prefix: their_prefix,
-            },
-        ) if bucket == their_bucket => {
+        (ours, theirs) if ours.bucket_and_prefix().is_some() => {
+            let (scheme, bucket, prefix) = ours.bucket_and_prefix().expect("checked");
+            let (their_scheme, their_bucket, their_prefix) =
+                theirs.bucket_and_prefix().ok_or_else(outside)?;
+            if (scheme, bucket) != (their_scheme, their_bucket) {
+                return Err(outside());
+            }
             if prefix.is_empty() {
-                their_prefix.clone()
+                their_prefix.to_owned()
             } else {
                 their_prefix
-                    .strip_prefix(prefix.as_str())
+                    .strip_prefix(prefix)
                     .and_then(|rest| rest.strip_prefix('/'))
                     .ok_or_else(outside)?
                     .to_owned()

@@ -59,9 +59,35 @@ impl Backoff {
 /// status was made on this side from a transport failure (no connection, a
 /// connection reset mid-call) rather than sent by the coordinator.
 pub(crate) fn is_transient(status: &Status) -> bool {
+    if capture_proto::tls_hint(&status_text(status)).is_some() {
+        // An untrusted certificate or a TLS/plaintext mismatch never heals.
+        return false;
+    }
     std::error::Error::source(status).is_some()
         || status.code() == Code::Unknown
         || CaptureServiceError::from_status(status).is_retryable()
+}
+
+/// A status's message with its sources, for recognising TLS failures.
+pub(crate) fn status_text(status: &Status) -> String {
+    let mut text = status.message().to_owned();
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        text.push(' ');
+        text.push_str(&error.to_string());
+        source = error.source();
+    }
+    text
+}
+
+/// A TLS failure (untrusted certificate, TLS/plaintext mismatch) as the
+/// worker's fatal error: it never heals by retrying.
+pub(crate) fn fail_on_tls(status: &Status) -> Result<(), super::PullError> {
+    let text = status_text(status);
+    match capture_proto::tls_hint(&text) {
+        Some(hint) => Err(super::PullError::Tls { error: text, hint }),
+        None => Ok(()),
+    }
 }
 
 /// Whether an answer means this worker cannot work with this coordinator at
@@ -182,6 +208,10 @@ mod tests {
         let local = Status::from_error(Box::new(std::io::Error::other("connection reset")));
         assert!(is_transient(&local));
         assert!(!is_transient(&Status::internal("manifest write failed")));
+        let untrusted = Status::unavailable("invalid peer certificate: UnknownIssuer");
+        assert!(!is_transient(&untrusted));
+        assert!(fail_on_tls(&untrusted).is_err());
+        assert!(fail_on_tls(&Status::unavailable("connection refused")).is_ok());
         assert!(!is_transient(&Status::failed_precondition(
             "lease lost: job x attempt 1 no longer holds the lease"
         )));

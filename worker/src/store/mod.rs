@@ -23,6 +23,7 @@
 
 mod error;
 mod keys;
+mod read;
 mod run;
 mod store_url;
 
@@ -34,6 +35,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{BackoffConfig, ClientConfigKey, ObjectStore, RetryConfig};
@@ -142,10 +145,14 @@ impl fmt::Debug for ArtifactStore {
 }
 
 impl ArtifactStore {
-    /// Opens `s3://bucket/prefix`, `file:///abs/path` or a local path
-    /// (created if missing; relative paths resolve against the current
-    /// directory). S3 credentials and region come from the standard `AWS_*`
-    /// environment variables.
+    /// Opens `s3://bucket/prefix`, `gs://bucket/prefix`,
+    /// `az://container/prefix`, `file:///abs/path` or a local path (created if
+    /// missing; relative paths resolve against the current directory). S3
+    /// credentials and region come from the standard `AWS_*` environment
+    /// variables, GCS's from `GOOGLE_APPLICATION_CREDENTIALS` (or
+    /// `GOOGLE_SERVICE_ACCOUNT*`), Azure's from `AZURE_STORAGE_ACCOUNT_NAME`
+    /// and `AZURE_STORAGE_ACCOUNT_KEY` (or the other `AZURE_*` variables
+    /// object_store reads).
     pub fn from_url(url: &str, options: &StoreOptions) -> Result<Self, StoreError> {
         Self::open(StoreUrl::parse(url)?, options)
     }
@@ -173,14 +180,22 @@ impl ArtifactStore {
                     options,
                 })
             }
-            StoreUrl::S3 { bucket, prefix } => {
-                let store = build_s3(&url, bucket, &options)?;
+            StoreUrl::S3 { .. } | StoreUrl::Gcs { .. } | StoreUrl::Azure { .. } => {
+                let store: Arc<dyn ObjectStore> = match &url {
+                    StoreUrl::S3 { bucket, .. } => Arc::new(build_s3(&url, bucket, &options)?),
+                    StoreUrl::Gcs { bucket, .. } => Arc::new(build_gcs(&url, bucket, &options)?),
+                    StoreUrl::Azure { container, .. } => {
+                        Arc::new(build_azure(&url, container, &options)?)
+                    }
+                    StoreUrl::Local { .. } => unreachable!("handled above"),
+                };
+                let (_, _, prefix) = url.bucket_and_prefix().expect("cloud stores have a prefix");
                 let prefix = ObjectPath::parse(prefix).map_err(|err| StoreError::InvalidUrl {
                     url: url.to_string(),
                     reason: format!("bad prefix: {err}"),
                 })?;
                 Ok(Self {
-                    inner: Arc::new(store),
+                    inner: store,
                     url,
                     prefix,
                     options,
@@ -228,6 +243,62 @@ fn checked_options(options: &StoreOptions) -> StoreOptions {
     options
 }
 
+/// Client timeouts and retries shared by every cloud backend.
+fn client_settings(options: &StoreOptions) -> [(ClientConfigKey, String); 2] {
+    [
+        (
+            ClientConfigKey::ConnectTimeout,
+            format!("{}ms", options.connect_timeout.as_millis().max(1)),
+        ),
+        (
+            ClientConfigKey::Timeout,
+            format!("{}ms", options.request_timeout.as_millis().max(1)),
+        ),
+    ]
+}
+
+fn retry_config(options: &StoreOptions) -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig::default(),
+        max_retries: options.max_retries,
+        retry_timeout: options.retry_timeout,
+    }
+}
+
+fn build_gcs(
+    url: &StoreUrl,
+    bucket: &str,
+    options: &StoreOptions,
+) -> Result<object_store::gcp::GoogleCloudStorage, StoreError> {
+    let mut builder = GoogleCloudStorageBuilder::from_env()
+        .with_bucket_name(bucket)
+        .with_retry(retry_config(options));
+    for (key, value) in client_settings(options) {
+        builder = builder.with_config(GoogleConfigKey::Client(key), value);
+    }
+    builder.build().map_err(|source| StoreError::Open {
+        url: url.to_string(),
+        source,
+    })
+}
+
+fn build_azure(
+    url: &StoreUrl,
+    container: &str,
+    options: &StoreOptions,
+) -> Result<object_store::azure::MicrosoftAzure, StoreError> {
+    let mut builder = MicrosoftAzureBuilder::from_env()
+        .with_container_name(container)
+        .with_retry(retry_config(options));
+    for (key, value) in client_settings(options) {
+        builder = builder.with_config(AzureConfigKey::Client(key), value);
+    }
+    builder.build().map_err(|source| StoreError::Open {
+        url: url.to_string(),
+        source,
+    })
+}
+
 fn build_s3(
     url: &StoreUrl,
     bucket: &str,
@@ -240,19 +311,10 @@ fn build_s3(
     });
     let mut builder = AmazonS3Builder::from_env()
         .with_bucket_name(bucket)
-        .with_config(
-            AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
-            format!("{}ms", options.connect_timeout.as_millis().max(1)),
-        )
-        .with_config(
-            AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
-            format!("{}ms", options.request_timeout.as_millis().max(1)),
-        )
-        .with_retry(RetryConfig {
-            backoff: BackoffConfig::default(),
-            max_retries: options.max_retries,
-            retry_timeout: options.retry_timeout,
-        });
+        .with_retry(retry_config(options));
+    for (key, value) in client_settings(options) {
+        builder = builder.with_config(AmazonS3ConfigKey::Client(key), value);
+    }
     if let Some(credentials) = &options.s3_credentials {
         builder = builder
             .with_access_key_id(&credentials.access_key_id)

@@ -1,5 +1,6 @@
 //! `StoreUrl`: where a store lives, parsed from `s3://bucket/prefix`,
-//! `file:///abs/path` or a plain local path. Parsing does no I/O.
+//! `gs://bucket/prefix`, `az://container/prefix`, `file:///abs/path` or a
+//! plain local path. Parsing does no I/O.
 
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
@@ -7,7 +8,7 @@ use std::path::{Component, Path, PathBuf};
 use super::error::StoreError;
 use super::keys::{KeyUse, validate_relative_key};
 
-const URL_FORMS: &str = "use s3://bucket/prefix, file:///absolute/path or a local directory";
+const URL_FORMS: &str = "use s3://bucket/prefix, gs://bucket/prefix, az://container/prefix, file:///absolute/path or a local directory";
 
 /// A parsed store location.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,12 +16,18 @@ pub enum StoreUrl {
     /// An S3 (or S3-compatible) bucket and a key prefix (no leading or
     /// trailing '/', empty for the bucket root).
     S3 { bucket: String, prefix: String },
+    /// A Google Cloud Storage bucket and a key prefix (as for S3).
+    Gcs { bucket: String, prefix: String },
+    /// An Azure Blob Storage container and a key prefix (as for S3); the
+    /// storage account comes from `AZURE_STORAGE_ACCOUNT_NAME`.
+    Azure { container: String, prefix: String },
     /// A local directory (absolute, without `.` parts).
     Local { root: PathBuf },
 }
 
 impl StoreUrl {
-    /// Parses `s3://bucket/prefix`, `file:///abs/path` or a plain local path;
+    /// Parses `s3://bucket/prefix`, `gs://bucket/prefix`,
+    /// `az://container/prefix` (or `azure://`), `file:///abs/path` or a plain local path;
     /// relative paths are resolved against the current directory.
     pub fn parse(input: &str) -> Result<Self, StoreError> {
         let cwd = if looks_like_url(input) || Path::new(input).is_absolute() {
@@ -54,12 +61,34 @@ impl StoreUrl {
             ));
         }
         match url.scheme() {
-            "s3" | "s3a" => parse_s3(input, &url),
+            "s3" | "s3a" => {
+                let (bucket, prefix) = parse_bucket(input, &url, Cloud::S3)?;
+                Ok(StoreUrl::S3 { bucket, prefix })
+            }
+            "gs" => {
+                let (bucket, prefix) = parse_bucket(input, &url, Cloud::Gcs)?;
+                Ok(StoreUrl::Gcs { bucket, prefix })
+            }
+            "az" | "azure" => {
+                let (container, prefix) = parse_bucket(input, &url, Cloud::Azure)?;
+                Ok(StoreUrl::Azure { container, prefix })
+            }
             "file" => parse_file(input, &url),
             other => Err(invalid(
                 input,
                 format!("unsupported scheme \"{other}\"; {URL_FORMS}"),
             )),
+        }
+    }
+
+    /// The scheme, bucket (or container) and prefix of a cloud store; `None`
+    /// for a local directory.
+    pub fn bucket_and_prefix(&self) -> Option<(&'static str, &str, &str)> {
+        match self {
+            StoreUrl::S3 { bucket, prefix } => Some(("s3", bucket, prefix)),
+            StoreUrl::Gcs { bucket, prefix } => Some(("gs", bucket, prefix)),
+            StoreUrl::Azure { container, prefix } => Some(("az", container, prefix)),
+            StoreUrl::Local { .. } => None,
         }
     }
 
@@ -82,8 +111,16 @@ impl StoreUrl {
 impl fmt::Display for StoreUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            StoreUrl::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
-            StoreUrl::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+            StoreUrl::S3 { .. } | StoreUrl::Gcs { .. } | StoreUrl::Azure { .. } => {
+                let (scheme, bucket, prefix) = self
+                    .bucket_and_prefix()
+                    .expect("cloud stores have a bucket");
+                if prefix.is_empty() {
+                    write!(f, "{scheme}://{bucket}")
+                } else {
+                    write!(f, "{scheme}://{bucket}/{prefix}")
+                }
+            }
             StoreUrl::Local { root } => match url::Url::from_file_path(root) {
                 Ok(url) => write!(f, "{url}"),
                 Err(()) => write!(f, "{}", root.display()),
@@ -103,24 +140,63 @@ fn looks_like_url(input: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
 }
 
-fn parse_s3(input: &str, url: &url::Url) -> Result<StoreUrl, StoreError> {
+/// The cloud object stores a URL can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cloud {
+    S3,
+    Gcs,
+    Azure,
+}
+
+impl Cloud {
+    fn scheme(self) -> &'static str {
+        match self {
+            Cloud::S3 => "s3",
+            Cloud::Gcs => "gs",
+            Cloud::Azure => "az",
+        }
+    }
+
+    /// What the bucket is called and where credentials come from.
+    fn bucket_word(self) -> &'static str {
+        match self {
+            Cloud::S3 | Cloud::Gcs => "bucket",
+            Cloud::Azure => "container",
+        }
+    }
+
+    fn credentials_hint(self) -> &'static str {
+        match self {
+            Cloud::S3 => "use the AWS_* environment variables and the endpoint option",
+            Cloud::Gcs => "use GOOGLE_APPLICATION_CREDENTIALS or GOOGLE_SERVICE_ACCOUNT",
+            Cloud::Azure => "use the AZURE_STORAGE_* environment variables",
+        }
+    }
+}
+
+fn parse_bucket(input: &str, url: &url::Url, cloud: Cloud) -> Result<(String, String), StoreError> {
+    let scheme = cloud.scheme();
+    let word = cloud.bucket_word();
     let bucket = url.host_str().unwrap_or_default();
     if bucket.is_empty() {
         return Err(invalid(
             input,
-            "missing bucket; use s3://bucket/prefix".to_owned(),
+            format!("missing {word}; use {scheme}://{word}/prefix"),
         ));
     }
     if !url.username().is_empty() || url.password().is_some() || url.port().is_some() {
         // Never echo credentials back: name the URL without its user part.
-        let shown = format!("s3://{bucket}{}", url.path());
+        let shown = format!("{scheme}://{bucket}{}", url.path());
         return Err(invalid(
             &shown,
-            "must not carry credentials or a port; use the AWS_* environment variables and the endpoint option".to_owned(),
+            format!(
+                "must not carry credentials or a port; {}",
+                cloud.credentials_hint()
+            ),
         ));
     }
-    if let Some(reason) = bucket_problem(bucket) {
-        return Err(invalid(input, format!("bucket \"{bucket}\" {reason}")));
+    if let Some(reason) = bucket_problem(bucket, cloud) {
+        return Err(invalid(input, format!("{word} \"{bucket}\" {reason}")));
     }
     // The raw text, not `url.path()`: URL parsing would silently resolve
     // `a/../b` to `b`, and a prefix should mean exactly what it says.
@@ -131,10 +207,7 @@ fn parse_s3(input: &str, url: &url::Url) -> Result<StoreUrl, StoreError> {
         validate_relative_key(prefix, KeyUse::Documented)
             .map_err(|err| invalid(input, format!("bad prefix: {}", reason_of(err))))?;
     }
-    Ok(StoreUrl::S3 {
-        bucket: bucket.to_owned(),
-        prefix: prefix.to_owned(),
-    })
+    Ok((bucket.to_owned(), prefix.to_owned()))
 }
 
 fn parse_file(input: &str, url: &url::Url) -> Result<StoreUrl, StoreError> {
@@ -149,16 +222,25 @@ fn parse_file(input: &str, url: &url::Url) -> Result<StoreUrl, StoreError> {
     })
 }
 
-/// S3 bucket naming rules (the common subset every S3-compatible store takes).
-fn bucket_problem(bucket: &str) -> Option<&'static str> {
+/// Bucket naming rules: S3's common subset (every S3-compatible store takes
+/// it), GCS's (which also allows '_') and Azure's containers (no '.').
+fn bucket_problem(bucket: &str, cloud: Cloud) -> Option<&'static str> {
     if !(3..=63).contains(&bucket.len()) {
         return Some("must be 3 to 63 characters long");
     }
-    if !bucket
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-'))
-    {
-        return Some("may only hold lowercase letters, digits, '.' and '-'");
+    let allowed = |b: u8| {
+        b.is_ascii_lowercase()
+            || b.is_ascii_digit()
+            || b == b'-'
+            || (b == b'.' && cloud != Cloud::Azure)
+            || (b == b'_' && cloud == Cloud::Gcs)
+    };
+    if !bucket.bytes().all(allowed) {
+        return Some(match cloud {
+            Cloud::S3 => "may only hold lowercase letters, digits, '.' and '-'",
+            Cloud::Gcs => "may only hold lowercase letters, digits, '.', '_' and '-'",
+            Cloud::Azure => "may only hold lowercase letters, digits and '-'",
+        });
     }
     let first_last_ok =
         |b: Option<u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
@@ -259,7 +341,7 @@ mod tests {
     #[test]
     fn bad_urls_say_what_is_wrong() {
         assert!(error("").contains("it is empty"));
-        assert!(error("gs://bucket/x").contains("unsupported scheme \"gs\""));
+        assert!(error("gcs://bucket/x").contains("unsupported scheme \"gcs\""));
         assert!(error("https://example.com/x").contains("unsupported scheme \"https\""));
         assert!(error("s3://").contains("missing bucket"));
         assert!(error("s3:///prefix").contains("missing bucket"));
@@ -275,5 +357,54 @@ mod tests {
         assert!(error("s3://bucket/x?versionId=1").contains("query"));
         assert!(error("file://host/dir").contains("three slashes"));
         assert!(error("dir\0x").contains("NUL"));
+    }
+
+    #[test]
+    fn gcs_and_azure_urls_give_bucket_and_prefix() {
+        let gcs = parse("gs://team_bucket.v2/captures/").unwrap();
+        assert_eq!(
+            gcs,
+            StoreUrl::Gcs {
+                bucket: "team_bucket.v2".into(),
+                prefix: "captures".into()
+            }
+        );
+        assert_eq!(gcs.to_string(), "gs://team_bucket.v2/captures");
+        assert_eq!(
+            gcs.bucket_and_prefix(),
+            Some(("gs", "team_bucket.v2", "captures"))
+        );
+        let azure = parse("az://captures/team/a").unwrap();
+        assert_eq!(
+            azure,
+            StoreUrl::Azure {
+                container: "captures".into(),
+                prefix: "team/a".into()
+            }
+        );
+        assert_eq!(azure.to_string(), "az://captures/team/a");
+        assert_eq!(
+            parse("azure://captures").unwrap().to_string(),
+            "az://captures"
+        );
+        assert_eq!(
+            azure.location_of("exp/run/manifest.json"),
+            "az://captures/team/a/exp/run/manifest.json"
+        );
+        assert!(!azure.is_local());
+        assert_eq!(parse("/tmp/x").unwrap().bucket_and_prefix(), None);
+    }
+
+    #[test]
+    fn bad_gcs_and_azure_urls_say_what_is_wrong() {
+        assert!(error("az://").contains("missing container; use az://container/prefix"));
+        assert!(error("az://my.container/x").contains("container \"my.container\""));
+        assert!(error("gs://Bucket/x").contains("lowercase letters, digits, '.', '_' and '-'"));
+        let msg = error("gs://user:secret@bucket/x");
+        assert!(
+            msg.contains("GOOGLE_APPLICATION_CREDENTIALS") && !msg.contains("secret"),
+            "{msg}"
+        );
+        assert!(error("az://container/../x").contains("bad prefix"));
     }
 }

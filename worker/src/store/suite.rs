@@ -800,3 +800,25 @@ fn debug_output_names_the_store_only() {
     assert!(!options.contains("testing-secret"), "{options}");
     assert!(options.contains("<hidden>"), "{options}");
 }
+
+/// GCS and Azure stores open from their URLs with the same options as S3
+/// (no request is made at open time); without an Azure account the error
+/// names the store and what is missing.
+#[tokio::test]
+async fn gcs_and_azure_urls_open_stores() {
+    let options = StoreOptions::default();
+    match ArtifactStore::from_url("gs://capture-test-bucket/team", &options) {
+        Ok(store) => {
+            assert_eq!(store.url().to_string(), "gs://capture-test-bucket/team");
+            let run = store.run("exp", "run1").unwrap();
+            assert_eq!(run.root_url(), "gs://capture-test-bucket/team/exp/run1");
+        }
+        Err(err) => panic!("opening a GCS store needs no request: {err}"),
+    }
+    if std::env::var_os("AZURE_STORAGE_ACCOUNT_NAME").is_none() {
+        let err = ArtifactStore::from_url("az://captures/team", &options).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("az://captures/team"), "{msg}");
+        assert!(msg.to_lowercase().contains("account"), "{msg}");
+    }
+}

@@ -61,6 +61,12 @@ impl PostgresQueue {
             .bind(filter.experiment.as_deref())
             .bind(filter.state.map(RunState::as_str))
             .bind(i64::from(filter.limit))
+            .bind(filter.model_id.as_deref())
+            .bind(filter.model_revision.as_deref())
+            .bind(filter.created_after)
+            .bind(filter.created_before)
+            .bind(filter.prompt_set.as_deref())
+            .bind(filter.mode.as_deref())
             .fetch_all(&self.pool)
             .await?
             .iter()

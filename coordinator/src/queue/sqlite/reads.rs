@@ -60,6 +60,12 @@ impl SqliteQueue {
             .bind(filter.experiment.as_deref())
             .bind(filter.state.map(RunState::as_str))
             .bind(i64::from(filter.limit))
+            .bind(filter.model_id.as_deref())
+            .bind(filter.model_revision.as_deref())
+            .bind(filter.created_after.map(|t| t.timestamp_millis()))
+            .bind(filter.created_before.map(|t| t.timestamp_millis()))
+            .bind(filter.prompt_set.as_deref())
+            .bind(filter.mode.as_deref())
             .fetch_all(&self.pool)
             .await?
             .iter()

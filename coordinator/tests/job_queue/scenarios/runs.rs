@@ -250,6 +250,55 @@ pub(crate) async fn runs_are_listed_newest_first_with_filters(queue: impl JobQue
         ..RunFilter::default()
     };
     assert_eq!(queue.list_runs(&one).await.unwrap().len(), 1);
+
+    // Filters on the spec, the model and the creation time.
+    let ids = |filter: RunFilter| {
+        let queue = &queue;
+        async move {
+            queue
+                .list_runs(&filter)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    let set = |name: &str| RunFilter {
+        prompt_set: Some(name.to_owned()),
+        ..RunFilter::default()
+    };
+    assert_eq!(ids(set("adversarial")).await, vec![newer, older]);
+    assert!(ids(set("dynamic")).await.is_empty());
+    let mode = |name: &str| RunFilter {
+        mode: Some(name.to_owned()),
+        ..RunFilter::default()
+    };
+    assert_eq!(ids(mode("internals")).await, vec![newer, older]);
+    assert!(ids(mode("attention")).await.is_empty());
+    let by_model = RunFilter {
+        model_id: Some(model.id.clone()),
+        model_revision: Some(model.revision.clone()),
+        ..RunFilter::default()
+    };
+    assert_eq!(ids(by_model).await, vec![newer, older]);
+    let other_revision = RunFilter {
+        model_revision: Some("not-a-revision".to_owned()),
+        ..RunFilter::default()
+    };
+    assert!(ids(other_revision).await.is_empty());
+    let records = queue.list_runs(&RunFilter::default()).await.unwrap();
+    let newer_created = records[0].created_at;
+    let since_newer = RunFilter {
+        created_after: Some(newer_created),
+        ..RunFilter::default()
+    };
+    assert_eq!(ids(since_newer).await, vec![newer]);
+    let before_newer = RunFilter {
+        created_before: Some(newer_created),
+        ..RunFilter::default()
+    };
+    assert_eq!(ids(before_newer).await, vec![older]);
 }
 
 pub(crate) async fn workers_are_recorded_with_their_model_and_state(queue: impl JobQueue) {
