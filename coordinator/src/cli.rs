@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
+use crate::bench_query::{BenchQueryConfig, GEMMA_PROMPT_TOKENS, bench_query};
 use crate::bench_queue::{BenchQueueConfig, bench_queue};
 use crate::client::{RunArgs, RunsArgs, StatusArgs, SubmitArgs};
 
@@ -30,7 +31,7 @@ pub enum Command {
     ///
     ///   coordinator migrate --database-url postgres://capture:capture@127.0.0.1:5432/capture
     Migrate(DatabaseArgs),
-    /// Serve the coordinator: the gRPC CaptureService and WorkerService and grpc.health.v1.
+    /// Serve the coordinator: the gRPC CaptureService, WorkerService, QueryService and grpc.health.v1.
     ///
     /// Applies the queue's migrations, then hands jobs to workers under
     /// fenced leases, re-queues expired leases, promotes accepted attempts'
@@ -55,6 +56,25 @@ pub enum Command {
     ///
     ///   coordinator bench-queue --database-url postgres://capture:capture@127.0.0.1:5432/capture_bench --workers 16 --jobs 5000
     BenchQueue(BenchQueueArgs),
+    /// Measure what a trait projection reads: ranged reads versus whole files.
+    ///
+    /// Writes a synthetic run of --prompts raw residual artifacts at
+    /// Gemma-2-2B's shapes (--layers 26, --hidden 2304, prompts of 26-43
+    /// tokens, --response-tokens 50, head-averaged attention included,
+    /// random values in --dtype) under a fresh run root
+    /// bench-query/<run id> of --store, staged as a worker stages them.
+    /// Then projects one random trait vector at --layer of every artifact
+    /// two ways, side by side: ranged reads of that layer's six residual
+    /// tensors (what `coordinator query project` does), and a GET of each
+    /// whole file decoded in memory. Both must give bit-identical scores,
+    /// or the command fails. Prints a markdown table of bytes read,
+    /// requests and wall time (median of --repeats runs) with the ratios
+    /// whole / ranged; --all-layers adds the same for every layer. Deletes
+    /// what it wrote unless --keep. At f32 the run is about 80 MB per file
+    /// (4 GB for 50); bf16 halves it. Example:
+    ///
+    ///   curl -X PUT http://127.0.0.1:5599/bench && AWS_ENDPOINT_URL=http://127.0.0.1:5599 coordinator bench-query --store s3://bench/captures --prompts 50 --layer 16
+    BenchQuery(BenchQueryArgs),
     /// Submit a run of captures; print its id, and with --wait follow it to the end.
     ///
     /// The run is split into jobs of at most --shard-size prompts of one
@@ -151,6 +171,71 @@ pub struct BenchQueueArgs {
     pub lease_ms: u64,
 }
 
+#[derive(Debug, Args)]
+pub struct BenchQueryArgs {
+    /// Where to write the synthetic run: s3://bucket/prefix (AWS_* variables),
+    /// another store URL, or a local directory.
+    #[arg(long, env = "CAPTURE_STORE")]
+    pub store: String,
+    /// S3 endpoint for MinIO, moto and other S3-compatible stores
+    /// (AWS_ENDPOINT_URL works too).
+    #[arg(long, env = "CAPTURE_S3_ENDPOINT", value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// Artifacts in the synthetic run, one per prompt.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub prompts: u32,
+    /// Layers per artifact (Gemma-2-2B has 26).
+    #[arg(long, default_value_t = 26, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub layers: u32,
+    /// Residual stream width (Gemma-2-2B: 2304).
+    #[arg(long, default_value_t = 2304, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub hidden: u32,
+    /// Generated tokens per prompt.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=4096))]
+    pub response_tokens: u32,
+    /// Storage dtype of the tensors: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: capture_worker::pt::StoreDtype,
+    /// The layer projected.
+    #[arg(long, default_value_t = 16)]
+    pub layer: u32,
+    /// Runs of each measurement; the table shows the median.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub repeats: u32,
+    /// Also measure projecting every layer, both ways (for context).
+    #[arg(long)]
+    pub all_layers: bool,
+    /// Artifacts read at once, by either method.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub concurrency: u32,
+    /// Seed of the random values and the trait vector.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Leave the synthetic run in the store.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+impl BenchQueryArgs {
+    /// The benchmark these flags ask for.
+    pub fn config(&self) -> BenchQueryConfig {
+        BenchQueryConfig {
+            prompts: self.prompts as usize,
+            layers: self.layers as usize,
+            hidden: self.hidden as usize,
+            prompt_tokens: GEMMA_PROMPT_TOKENS,
+            response_tokens: self.response_tokens as usize,
+            dtype: self.dtype,
+            layer: self.layer as usize,
+            repeats: self.repeats as usize,
+            all_layers: self.all_layers,
+            concurrency: self.concurrency as usize,
+            seed: self.seed,
+            keep: self.keep,
+        }
+    }
+}
+
 /// Runs the parsed command; the exit code is a failure when a benchmark's
 /// verification found problems.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -158,6 +243,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate(args) => migrate(&args).await,
         Command::Serve(args) => crate::server::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::BenchQueue(args) => run_bench_queue(&args).await,
+        Command::BenchQuery(args) => run_bench_query(&args).await,
         Command::Submit(args) => match args.connection.coordinator {
             Some(_) => crate::client::submit_command(&args).await,
             None => crate::embedded::submit(&args).await,
@@ -213,6 +299,22 @@ async fn run_bench_queue(args: &BenchQueueArgs) -> anyhow::Result<ExitCode> {
         eprintln!("  {problem}");
     }
     Ok(ExitCode::FAILURE)
+}
+
+async fn run_bench_query(args: &BenchQueryArgs) -> anyhow::Result<ExitCode> {
+    let options = capture_worker::store::StoreOptions {
+        s3_endpoint: args.s3_endpoint.clone().filter(|url| !url.is_empty()),
+        ..capture_worker::store::StoreOptions::default()
+    };
+    let store = capture_worker::store::ArtifactStore::from_url(&args.store, &options)
+        .with_context(|| format!("opening the store {}", args.store))?;
+    let config = args.config();
+    tracing::info!(store = %args.store, prompts = config.prompts, dtype = %config.dtype, layer = config.layer, "starting query benchmark");
+    let report = bench_query(&store, config)
+        .await
+        .with_context(|| format!("benchmarking queries on {}", args.store))?;
+    println!("{}", report.to_markdown());
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `url` with any password replaced by `***`, both in the user info

@@ -174,6 +174,7 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<ExitCode> {
             drain_timeout: Duration::from_secs(5),
             max_jobs: None,
             exit_when_idle: false,
+            metrics: capture_worker::metrics::WorkerMetrics::default(),
         },
         async move {
             let _ = worker_stopped.await;

@@ -15,10 +15,12 @@
 //! # }
 //! ```
 
+pub mod bench_query;
 pub mod bench_queue;
 pub mod cli;
 pub mod client;
 pub mod embedded;
+pub mod metrics;
 pub mod plan;
 pub mod query;
 pub mod queue;

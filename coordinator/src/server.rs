@@ -17,6 +17,7 @@ use clap::Args;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
+use crate::metrics::LeaseLossKind;
 use crate::query::QueryApi;
 use crate::queue::{JobQueue, Queue, RetryPolicy};
 use crate::service::{CaptureApi, Coordinator, LeaseTiming, WorkerApi};
@@ -66,6 +67,10 @@ pub struct ServeArgs {
     /// Wait before the first retry of a failed job (doubles each time, jittered).
     #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
     pub retry_delay_seconds: f64,
+    /// Serve Prometheus metrics on this address, e.g. 0.0.0.0:9090 (GET
+    /// /metrics, GET /healthz); no endpoint by default.
+    #[arg(long, env = "CAPTURE_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Everything the server needs besides the queue and store.
@@ -147,6 +152,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let _metrics = match args.metrics_listen {
+        Some(addr) => {
+            let endpoint = crate::metrics::serve_metrics(&coordinator, addr)
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr}"))?;
+            info!(listen = %endpoint.local_addr(), "serving metrics");
+            Some(endpoint)
+        }
+        None => None,
+    };
     info!(
         listen = %listener.local_addr()?,
         queue = coordinator.queue().backend_name(),
@@ -240,6 +255,9 @@ async fn sweep(coordinator: Arc<Coordinator>, interval: Duration) {
         ticker.tick().await;
         match coordinator.queue().reap_expired().await {
             Ok(report) if report.requeued + report.dead > 0 => {
+                coordinator
+                    .metrics()
+                    .lease_lost(LeaseLossKind::Expired, report.requeued + report.dead);
                 info!(
                     requeued = report.requeued,
                     dead = report.dead,

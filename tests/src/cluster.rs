@@ -407,6 +407,16 @@ impl Cluster {
         self.client_as(subcommand, &self.client_credentials())
     }
 
+    /// `coordinator query WHAT --coordinator URL` with the client
+    /// credentials.
+    pub fn query(&self, what: &str) -> Command {
+        let mut cmd = coordinator();
+        cmd.args(["query", what, "--coordinator", &self.url()])
+            .env("RUST_LOG", self.log_filter.as_deref().unwrap_or("warn"));
+        self.client_credentials().add_to(&mut cmd);
+        cmd
+    }
+
     /// `coordinator SUBCOMMAND --coordinator URL` with `credentials`.
     pub fn client_as(&self, subcommand: &str, credentials: &Credentials) -> Command {
         let mut cmd = coordinator();
@@ -425,13 +435,28 @@ impl Cluster {
 
     /// Starts a `worker run` process on the tiny model, with `credentials`.
     pub fn start_worker_as(&mut self, credentials: &Credentials, extra: &[&str]) -> usize {
+        self.start_worker_with(&tiny_model(), credentials, extra)
+    }
+
+    /// Starts a `worker run` process on the checkpoint `model`, with the
+    /// worker credentials.
+    pub fn start_worker_on(&mut self, model: &Path, extra: &[&str]) -> usize {
+        self.start_worker_with(model, &self.worker_credentials(), extra)
+    }
+
+    fn start_worker_with(
+        &mut self,
+        model: &Path,
+        credentials: &Credentials,
+        extra: &[&str],
+    ) -> usize {
         let mut cmd = Command::new(workspace_bin("worker"));
         cluster_env(&mut cmd);
         cmd.arg("run")
             .args(["--coordinator", &self.url()])
             .args(["--store", &self.store])
             .arg("--model")
-            .arg(tiny_model());
+            .arg(model);
         credentials.add_to(&mut cmd);
         if let Some(filter) = &self.log_filter {
             cmd.env("RUST_LOG", filter);
@@ -444,12 +469,12 @@ impl Cluster {
 
     /// Submits a run and returns its id.
     pub fn submit(&self, args: &[&str]) -> String {
-        let out = run_ok(
-            self.client("submit")
-                .arg("--model")
-                .arg(tiny_model())
-                .args(args),
-        );
+        self.submit_on(&tiny_model(), args)
+    }
+
+    /// Submits a run on the checkpoint `model` and returns its id.
+    pub fn submit_on(&self, model: &Path, args: &[&str]) -> String {
+        let out = run_ok(self.client("submit").arg("--model").arg(model).args(args));
         let stdout = String::from_utf8_lossy(&out.stdout);
         stdout
             .split_whitespace()

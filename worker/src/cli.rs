@@ -1,6 +1,7 @@
 //! The `worker` command line: flags, help texts and their translation into
 //! library options.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::bench::BenchOptions;
 use crate::capture::{LayerSelection, Sampling};
 use crate::loader::{DeviceArg, parse_compute_dtype};
+use crate::metrics::WorkerMetrics;
 use crate::model::Gemma2Config;
 use crate::model_files::ModelSource;
 use crate::pt::StoreDtype;
@@ -203,6 +205,9 @@ pub struct RunArgs {
     /// Stop as soon as the coordinator has no job for this worker
     #[arg(long)]
     pub exit_when_idle: bool,
+    /// Serve Prometheus metrics on this address, e.g. 0.0.0.0:9091: GET /metrics, and GET /healthz for liveness probes (default: no endpoint)
+    #[arg(long, env = "CAPTURE_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl RunArgs {
@@ -233,6 +238,7 @@ impl RunArgs {
             drain_timeout: Duration::from_secs(self.drain_timeout),
             max_jobs: self.max_jobs,
             exit_when_idle: self.exit_when_idle,
+            metrics: WorkerMetrics::default(),
         }
     }
 }

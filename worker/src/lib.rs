@@ -8,6 +8,7 @@ pub mod cli;
 pub mod error;
 pub mod loader;
 pub mod manifest;
+pub mod metrics;
 pub mod model;
 pub mod model_files;
 pub mod prompts;

@@ -3,8 +3,10 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use capture_worker::bench::run_bench;
 use capture_worker::cli::{Cli, Command};
+use capture_worker::metrics::serve_worker_metrics;
 use capture_worker::pull::run_worker;
 use capture_worker::run::run_capture;
 use clap::Parser;
@@ -57,7 +59,22 @@ fn run(args: capture_worker::cli::RunArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let report = runtime.block_on(run_worker(args.into_options(), shutdown_signal()))?;
+    let metrics_listen = args.metrics_listen;
+    let options = args.into_options();
+    let report = runtime.block_on(async {
+        // Up before the model loads, so liveness probes pass while it does.
+        let _metrics = match metrics_listen {
+            Some(addr) => {
+                let endpoint = serve_worker_metrics(addr, &options.metrics)
+                    .await
+                    .with_context(|| format!("cannot serve metrics on {addr}"))?;
+                tracing::info!(listen = %endpoint.local_addr(), "serving metrics");
+                Some(endpoint)
+            }
+            None => None,
+        };
+        anyhow::Ok(run_worker(options, shutdown_signal()).await?)
+    })?;
     // A capture stopped at the drain timeout may still be finishing its
     // prompt on a blocking thread; its job is already given back.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));

@@ -5,7 +5,8 @@
 //! - [`reader`]: ranged reads of `.pt` artifacts, bytes counted;
 //! - [`vectors`]: trait vectors from files, trees and store URLs;
 //! - [`analysis`]: projection, dynamics and comparison math;
-//! - [`engine`]: a run's artifacts read and analysed;
+//! - [`engine`]: a run's artifacts read and projected;
+//! - [`tensor`]: one tensor slice of one artifact;
 //! - [`service`]: the `QueryService` gRPC API over the engine;
 //! - [`plot`]: PNG heatmaps and line plots for the CLI.
 
@@ -15,6 +16,7 @@ pub mod error;
 pub mod plot;
 pub mod reader;
 pub mod service;
+pub mod tensor;
 pub mod vectors;
 
 pub use engine::QueryEngine;

@@ -13,12 +13,10 @@ use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt};
 
 use super::analysis::{self, DEFAULT_COMMITMENT_THRESHOLD, effect_size};
-use super::engine::{
-    ArtifactRef, DynamicsLayer, ProjectQuery, PromptProjection, QueryEngine, ReadTotals,
-    TensorQuery,
-};
+use super::engine::{DynamicsLayer, ProjectQuery, PromptProjection, QueryEngine, ReadTotals};
 use super::error::QueryError;
 use super::reader::{Phase, Sublayer};
+use super::tensor::{ArtifactRef, TensorQuery};
 use super::vectors::TraitVector;
 use crate::queue::{JobQueue, RunFilter};
 use crate::service::Coordinator;

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use super::{
     ArtifactRecord, ArtifactRow, AttemptRecord, CancelReport, ClaimedJob, CompletedJob, CreatedRun,
-    FailedJob, JobId, JobQueue, JobRecord, LeaseStatus, ModelRef, NewJob, NewRun, PostgresQueue,
-    QueueError, ReapReport, RetryPolicy, RunFilter, RunId, RunRecord, RunStatus, SqliteQueue,
-    WorkerRecord, WorkerSeen,
+    FailedJob, JobCounts, JobId, JobQueue, JobRecord, LeaseStatus, ModelRef, NewJob, NewRun,
+    PostgresQueue, QueueError, ReapReport, RetryPolicy, RunFilter, RunId, RunRecord, RunStatus,
+    SqliteQueue, WorkerRecord, WorkerSeen,
 };
 
 /// The job queue of one database, chosen by URL scheme.
@@ -145,6 +145,10 @@ impl JobQueue for Queue {
 
     async fn retry_run(&self, run: RunId) -> Result<u64, QueueError> {
         forward!(self.retry_run(run))
+    }
+
+    async fn job_counts(&self) -> Result<JobCounts, QueueError> {
+        forward!(self.job_counts())
     }
 
     async fn run_status(&self, run: RunId) -> Result<RunStatus, QueueError> {

@@ -136,6 +136,9 @@ pub trait JobQueue: Send + Sync {
     /// for a cancelled run.
     fn retry_run(&self, run: RunId) -> impl Future<Output = Result<u64, QueueError>> + Send;
 
+    /// How many jobs of every run are in each state (for metrics).
+    fn job_counts(&self) -> impl Future<Output = Result<JobCounts, QueueError>> + Send;
+
     /// The run with its job counts by state and its artifact count.
     fn run_status(&self, run: RunId) -> impl Future<Output = Result<RunStatus, QueueError>> + Send;
 

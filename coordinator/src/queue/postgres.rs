@@ -13,9 +13,9 @@ use uuid::Uuid;
 
 use super::{
     ArtifactRecord, ArtifactRow, AttemptRecord, CancelReport, ClaimedJob, CompletedJob, CreatedRun,
-    FailedJob, JobId, JobQueue, JobRecord, JobState, LeaseStatus, ModelRef, NewJob, NewRun,
-    QueueError, ReapReport, RetryPolicy, RunFilter, RunId, RunRecord, RunSpec, RunState, RunStatus,
-    WorkerRecord, WorkerSeen, retry::duration_millis, validate_lease,
+    FailedJob, JobCounts, JobId, JobQueue, JobRecord, JobState, LeaseStatus, ModelRef, NewJob,
+    NewRun, QueueError, ReapReport, RetryPolicy, RunFilter, RunId, RunRecord, RunSpec, RunState,
+    RunStatus, WorkerRecord, WorkerSeen, retry::duration_millis, validate_lease,
 };
 
 mod finalize;
@@ -376,6 +376,10 @@ impl JobQueue for PostgresQueue {
 
     async fn retry_run(&self, run: RunId) -> Result<u64, QueueError> {
         self.requeue_dead_jobs(run).await
+    }
+
+    async fn job_counts(&self) -> Result<JobCounts, QueueError> {
+        self.read_job_counts().await
     }
 
     async fn run_status(&self, run: RunId) -> Result<RunStatus, QueueError> {

@@ -13,6 +13,7 @@ use self::convert::queue_error;
 use crate::queue::JobQueue;
 use capture_worker::store::{ArtifactStore, RunStore};
 
+use crate::metrics::CoordinatorMetrics;
 use crate::plan::ModelCatalog;
 use crate::queue::{Queue, RunId, RunSpec};
 
@@ -54,6 +55,7 @@ pub struct Coordinator {
     pub(crate) store: ArtifactStore,
     pub(crate) catalog: ModelCatalog,
     pub(crate) timing: LeaseTiming,
+    pub(crate) metrics: CoordinatorMetrics,
     finalizing: Mutex<HashSet<RunId>>,
 }
 
@@ -64,6 +66,7 @@ impl Coordinator {
             store,
             catalog: ModelCatalog::default(),
             timing,
+            metrics: CoordinatorMetrics::default(),
             finalizing: Mutex::new(HashSet::new()),
         })
     }
@@ -74,6 +77,11 @@ impl Coordinator {
 
     pub fn store(&self) -> &ArtifactStore {
         &self.store
+    }
+
+    /// What the services count; exposed by `serve --metrics-listen`.
+    pub fn metrics(&self) -> &CoordinatorMetrics {
+        &self.metrics
     }
 
     /// The run's root in the store.

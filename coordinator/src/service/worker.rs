@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use super::Coordinator;
 use super::convert::{self, queue_error};
+use crate::metrics::{AttemptEnd, LeaseLossKind};
 use crate::queue::{
     ArtifactRow, CaptureMode, ClaimedJob, JobId, JobQueue, JobRecord, ModelRef, QueueError,
     WorkerSeen, WorkerState,
@@ -135,6 +136,14 @@ impl WorkerApi {
                 })
             })
             .unwrap_or(false)
+    }
+
+    /// The wire error of a refused fenced call, counting a lost lease.
+    fn refused(&self, call: LeaseLossKind, error: QueueError) -> CaptureServiceError {
+        if matches!(error, QueueError::LeaseLost { .. }) {
+            self.coordinator.metrics.lease_lost(call, 1);
+        }
+        queue_error(error)
     }
 
     async fn after_job_finished(&self, run: crate::queue::RunId, finished: bool) {
@@ -266,6 +275,7 @@ impl WorkerService for WorkerApi {
                 .await
                 .map_err(queue_error)?;
             if let Some(claimed) = claimed {
+                self.coordinator.metrics.job_claimed(&claimed.job);
                 let job = self.job_message(&claimed)?;
                 info!(
                     worker_id,
@@ -301,7 +311,7 @@ impl WorkerService for WorkerApi {
             .queue
             .heartbeat(job, attempt, &worker_id, self.coordinator.timing.lease)
             .await
-            .map_err(queue_error)?;
+            .map_err(|error| self.refused(LeaseLossKind::Heartbeat, error))?;
         Ok(Response::new(pb::HeartbeatResponse {
             lease_expires_at: Some(convert::timestamp(status.lease_expires_at)),
             cancel_requested: status.cancel_requested,
@@ -331,6 +341,10 @@ impl WorkerService for WorkerApi {
                     bytes = stats.bytes_written,
                     "job completed"
                 );
+                self.coordinator
+                    .metrics
+                    .attempt_ended(AttemptEnd::Succeeded);
+                self.coordinator.metrics.artifacts_accepted(&rows);
                 let keys: Vec<&str> = rows.iter().map(|row| row.key.as_str()).collect();
                 self.coordinator
                     .promote_job(completed.run_id, job_id, attempt, &keys)
@@ -348,7 +362,7 @@ impl WorkerService for WorkerApi {
                 if matches!(error, QueueError::LeaseLost { .. }) {
                     warn!(job_id = %job_id, attempt, worker_id, "late completion discarded: lease lost");
                 }
-                Err(queue_error(error).into())
+                Err(self.refused(LeaseLossKind::Complete, error).into())
             }
         }
     }
@@ -368,7 +382,10 @@ impl WorkerService for WorkerApi {
                 request.retryable,
             )
             .await
-            .map_err(queue_error)?;
+            .map_err(|error| self.refused(LeaseLossKind::Fail, error))?;
+        self.coordinator
+            .metrics
+            .attempt_ended(AttemptEnd::of_failure(failed.state));
         self.after_job_finished(failed.run_id, failed.run_finished.is_some())
             .await;
         Ok(Response::new(pb::FailJobResponse {
@@ -394,7 +411,8 @@ impl WorkerService for WorkerApi {
             .queue
             .release(job_id, attempt, &worker_id, reason)
             .await
-            .map_err(queue_error)?;
+            .map_err(|error| self.refused(LeaseLossKind::Release, error))?;
+        self.coordinator.metrics.attempt_ended(AttemptEnd::Released);
         info!(job_id = %job_id, attempt, worker_id, reason, "job released");
         // A release in a cancelled run may have been its last job.
         if let Ok(status) = self.coordinator.queue.run_status(run).await {

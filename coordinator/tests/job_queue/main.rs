@@ -73,6 +73,7 @@ job_queue_test_suite!(
     retry_run_requeues_dead_jobs_with_a_fresh_budget,
     runs_are_listed_newest_first_with_filters,
     workers_are_recorded_with_their_model_and_state,
+    job_counts_cover_every_run,
     release_requeues_without_spending_an_attempt_and_runs_finalize_once,
 );
 

@@ -18,6 +18,7 @@ use super::error::JobError;
 use super::heartbeat::Progress;
 use super::replay::StoreReplay;
 use crate::manifest::ArtifactEntry;
+use crate::metrics::WorkerMetrics;
 use crate::run::{ReplaySource, capture_prepared, prepare_prompts};
 use crate::store::RunStore;
 
@@ -46,6 +47,7 @@ pub(crate) struct JobRun {
     pub(crate) replay: Option<StoreReplay>,
     pub(crate) progress: Arc<Progress>,
     pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) metrics: WorkerMetrics,
 }
 
 /// An encoded artifact; its entry's size and sha256 are filled in from the upload.
@@ -63,6 +65,7 @@ pub(crate) async fn execute(job: JobRun) -> Result<Execution, JobError> {
         pending,
         Arc::clone(&job.progress),
         Arc::clone(&job.stop),
+        job.metrics.clone(),
     ));
     let computed = tokio::task::spawn_blocking(move || capture_all(&job, &queue)).await;
     let uploaded = uploads
@@ -112,11 +115,13 @@ fn capture_all(job: &JobRun, queue: &mpsc::Sender<PendingUpload>) -> Result<Capt
         }
         let mut on_token = || {
             job.progress.tokens.fetch_add(1, Ordering::Relaxed);
+            job.metrics.tokens_captured(1);
         };
         let captured = capture_prepared(meta, &job.engine.model, settings, item, &mut on_token)?;
         job.progress
             .tokens
             .fetch_add(captured.prompt_tokens as u64, Ordering::Relaxed);
+        job.metrics.tokens_captured(captured.prompt_tokens as u64);
         for artifact in &captured.artifacts {
             let payload = Bytes::from(artifact.encode()?);
             // Size and sha256 come from the upload, which hashes as it sends.
@@ -151,6 +156,7 @@ async fn upload_all(
     mut pending: mpsc::Receiver<PendingUpload>,
     progress: Arc<Progress>,
     stop: Arc<AtomicBool>,
+    metrics: WorkerMetrics,
 ) -> Result<(Vec<ArtifactEntry>, Duration), JobError> {
     let job_id = fence.job_id.to_wire();
     let attempt = fence.attempt.get();
@@ -174,6 +180,7 @@ async fn upload_all(
         entry.sha256 = object.sha256;
         progress.artifacts.fetch_add(1, Ordering::Relaxed);
         progress.bytes.fetch_add(object.bytes, Ordering::Relaxed);
+        metrics.uploaded(object.bytes);
         staged.push(entry);
     }
     Ok((staged, spent))

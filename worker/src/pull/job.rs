@@ -42,6 +42,21 @@ pub(crate) enum JobOutcome {
 }
 
 impl JobOutcome {
+    /// The `outcome` label values of [`JobOutcome::label`].
+    pub(crate) const LABELS: [&'static str; 5] =
+        ["completed", "failed", "released", "lease_lost", "skipped"];
+
+    /// The outcome's value of the `outcome` metric label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            JobOutcome::Completed { .. } => "completed",
+            JobOutcome::Failed => "failed",
+            JobOutcome::Released => "released",
+            JobOutcome::LeaseLost => "lease_lost",
+            JobOutcome::Skipped => "skipped",
+        }
+    }
+
     pub(crate) fn count(self, report: &mut PullReport) {
         match self {
             JobOutcome::Completed { tokens } => {
@@ -127,6 +142,7 @@ pub(crate) async fn run_job(worker: &Worker, job: Job, mut shutdown: Shutdown) -
         replay,
         progress: Arc::clone(&progress),
         stop: Arc::clone(&stop),
+        metrics: worker.metrics.clone(),
     });
     tokio::pin!(work);
 

@@ -39,11 +39,13 @@ use tracing::{info, warn};
 
 use crate::error::CaptureError;
 use crate::loader::{DeviceArg, ModelMeta, dtype_name};
+use crate::metrics::WorkerMetrics;
 use crate::model::Gemma2;
 use crate::model_files::ModelSource;
 use crate::store::{ArtifactStore, StoreError, StoreOptions};
 
 pub use error::JobError;
+pub(crate) use job::JobOutcome;
 
 /// How long a claim may wait on the server for work (long poll).
 const CLAIM_WAIT: Duration = Duration::from_secs(5);
@@ -80,6 +82,9 @@ pub struct PullOptions {
     pub max_jobs: Option<u64>,
     /// Stop as soon as a claim finds no work.
     pub exit_when_idle: bool,
+    /// Where the worker counts its jobs, tokens and uploads (register them
+    /// to expose them, see [`crate::metrics`]).
+    pub metrics: WorkerMetrics,
 }
 
 /// What a worker did before it stopped.
@@ -135,6 +140,7 @@ pub(crate) struct Worker {
     pub(crate) capabilities: WorkerCapabilities,
     pub(crate) heartbeat_interval: Duration,
     pub(crate) drain_timeout: Duration,
+    pub(crate) metrics: WorkerMetrics,
 }
 
 /// Whether the shutdown future has fired; cheap to clone.
@@ -247,6 +253,7 @@ async fn start(options: &PullOptions) -> Result<Worker, PullError> {
         capabilities,
         heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
         drain_timeout: options.drain_timeout,
+        metrics: options.metrics.clone(),
     })
 }
 
@@ -273,7 +280,11 @@ async fn pull_loop(
             Claim::Job(job) => {
                 claimed += 1;
                 idle.reset();
+                let busy = worker.metrics.busy();
+                let started = std::time::Instant::now();
                 let outcome = job::run_job(worker, *job, shutdown.clone()).await;
+                worker.metrics.job_finished(outcome, started.elapsed());
+                drop(busy);
                 outcome.count(&mut report);
             }
             Claim::NoWork { retry_after } => {

@@ -27,6 +27,7 @@ use tokio::sync::oneshot;
 use super::{PullOptions, PullReport, run_worker};
 use crate::capture::{LayerSelection, Sampling};
 use crate::loader::DeviceArg;
+use crate::metrics::{Registry, WorkerMetrics, encode_text};
 use crate::model_files::ModelSource;
 use crate::pt::StoreDtype;
 use crate::run::{CaptureOptions, PromptSource, run_capture};
@@ -231,6 +232,7 @@ struct Fixture {
     _dir: tempfile::TempDir,
     store: ArtifactStore,
     script: Arc<Script>,
+    metrics: WorkerMetrics,
 }
 
 impl Fixture {
@@ -250,6 +252,7 @@ impl Fixture {
             _dir: dir,
             store,
             script,
+            metrics: WorkerMetrics::default(),
         }
     }
 
@@ -270,6 +273,7 @@ impl Fixture {
             drain_timeout: Duration::from_secs(60),
             max_jobs: None,
             exit_when_idle: true,
+            metrics: self.metrics.clone(),
         }
     }
 
@@ -285,6 +289,18 @@ impl Fixture {
 
     fn run_store(&self, run_id: &str) -> RunStore {
         self.store.run(EXPERIMENT, run_id).unwrap()
+    }
+
+    /// The value of the exposition line of `series` (name and labels).
+    fn metric(&self, series: &str) -> f64 {
+        let mut registry = Registry::default();
+        self.metrics.register(&mut registry);
+        let text = encode_text(&registry).unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+            .parse()
+            .unwrap()
     }
 }
 
@@ -376,6 +392,16 @@ async fn a_job_is_staged_byte_for_byte_like_worker_capture_and_completed() {
         }
     );
     assert!(report.tokens_captured > 8, "{report:?}");
+    assert_eq!(
+        fixture.metric("capture_worker_tokens_captured_total"),
+        report.tokens_captured as f64
+    );
+    assert_eq!(
+        fixture.metric("capture_worker_jobs_total{outcome=\"completed\"}"),
+        1.0
+    );
+    assert_eq!(fixture.metric("capture_worker_job_seconds_count"), 1.0);
+    assert_eq!(fixture.metric("capture_worker_busy"), 0.0);
 
     let cli_out = tempfile::tempdir().unwrap();
     capture_with_the_cli(cli_out.path());
@@ -426,6 +452,11 @@ async fn a_job_is_staged_byte_for_byte_like_worker_capture_and_completed() {
         let written = std::fs::read(cli_out.path().join(&record.key)).unwrap();
         assert!(stored == written, "{} differs", record.key);
     }
+    let uploaded: u64 = complete.artifacts.iter().map(|record| record.bytes).sum();
+    assert_eq!(
+        fixture.metric("capture_worker_upload_bytes_total"),
+        uploaded as f64
+    );
     // Nothing was written outside the promoted keys and the (now empty) staging.
     let keys: Vec<String> = run
         .list("")
@@ -580,6 +611,11 @@ async fn a_cancelled_run_is_released_and_a_lost_lease_abandoned() {
     fixture.queue(long_job(&fixture));
     let report = fixture.run_until_idle().await;
     assert_eq!(report.leases_lost, 1, "{report:?}");
+    assert_eq!(fixture.metric("capture_worker_lease_losses_total"), 1.0);
+    assert_eq!(
+        fixture.metric("capture_worker_jobs_total{outcome=\"lease_lost\"}"),
+        1.0
+    );
     let calls = fixture
         .script
         .calls(|c| (c.released.len(), c.completed.len(), c.failed.len()));

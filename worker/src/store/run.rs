@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectMeta, ObjectStoreExt, PutPayload, WriteMultipart};
+use object_store::{GetOptions, GetRange, ObjectMeta, ObjectStoreExt, PutPayload, WriteMultipart};
 use sha2::{Digest, Sha256};
 use tracing::debug;
 
@@ -311,6 +311,50 @@ impl RunStore {
             return Err(invalid(format!("the object is {size} bytes long")));
         }
         Ok(bytes)
+    }
+
+    /// The last `len` bytes of an object (all of it when shorter) and the
+    /// object's size, with one request (a suffix range), so readers of a
+    /// zip's central directory need no HEAD first. `len` must not be 0.
+    pub async fn get_tail(&self, key: &str, len: u64) -> Result<(Bytes, u64), StoreError> {
+        let path = self.read_path(key)?;
+        let location = || self.store.location(&path);
+        let options = GetOptions {
+            range: Some(GetRange::Suffix(len.max(1))),
+            ..GetOptions::default()
+        };
+        let result = match self.store.inner.get_opts(&path, options).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(StoreError::NotFound {
+                    location: location(),
+                });
+            }
+            Err(source) => {
+                // An empty object has no suffix to serve: say it is empty.
+                if let Ok(info) = self.head(key).await
+                    && info.bytes == 0
+                {
+                    return Ok((Bytes::new(), 0));
+                }
+                return Err(StoreError::backend("read", location(), source));
+            }
+        };
+        let size = result.meta.size;
+        let bytes = result
+            .bytes()
+            .await
+            .map_err(|source| StoreError::backend("read", location(), source))?;
+        let expected = size.min(len.max(1));
+        if bytes.len() as u64 != expected {
+            return Err(StoreError::InvalidRange {
+                location: location(),
+                start: size - expected,
+                end: size,
+                reason: format!("the store answered {} bytes", bytes.len()),
+            });
+        }
+        Ok((bytes, size))
     }
 
     /// Size and metadata of one object.

@@ -244,11 +244,14 @@ pub struct PlotArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
 pub enum SublayerArg {
     /// The layer's input
+    #[value(name = "residual_in", alias = "residual-in")]
     ResidualIn,
     /// After the attention block's residual add
+    #[value(name = "after_attn", alias = "after-attn")]
     AfterAttn,
     /// The layer's output
     #[default]
+    #[value(name = "residual_out", alias = "residual-out")]
     ResidualOut,
 }
 
@@ -449,5 +452,17 @@ mod tests {
             "2026-11-01T11:30:00+00:00"
         );
         assert!(parse_time("yesterday").unwrap_err().contains("RFC 3339"));
+    }
+
+    #[test]
+    fn sublayers_parse_under_their_artifact_names() {
+        for (text, sublayer) in [
+            ("residual_in", SublayerArg::ResidualIn),
+            ("after_attn", SublayerArg::AfterAttn),
+            ("residual_out", SublayerArg::ResidualOut),
+            ("after-attn", SublayerArg::AfterAttn),
+        ] {
+            assert_eq!(SublayerArg::from_str(text, false).unwrap(), sublayer);
+        }
     }
 }

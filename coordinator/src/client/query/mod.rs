@@ -245,9 +245,30 @@ async fn vectors(args: &VectorArgs, layers: &[u32]) -> anyhow::Result<Vec<pb::Tr
         experiment: args.vector_experiment.clone(),
         files_for_every_layer: args.every_layer,
     };
+    // The vector errors' messages already carry their causes: flattened
+    // here so that `{:#}` does not print each cause twice.
     let loaded = load_vectors(&request)
         .await
-        .context("loading the trait vectors")?;
+        .map_err(|error| anyhow::anyhow!("loading the trait vectors: {error}"))?;
+    if loaded.is_empty() {
+        let mut filters = Vec::new();
+        if let Some(method) = &args.method {
+            filters.push(format!("--method {method}"));
+        }
+        if !layers.is_empty() {
+            let layers: Vec<String> = layers.iter().map(u32::to_string).collect();
+            filters.push(format!("layers {}", layers.join(",")));
+        }
+        anyhow::bail!(
+            "loading the trait vectors: no vector in {} matches {}",
+            args.vectors.join(", "),
+            if filters.is_empty() {
+                "the request".to_owned()
+            } else {
+                filters.join(" and ")
+            }
+        );
+    }
     Ok(loaded.into_iter().map(wire_vector).collect())
 }
 

@@ -13,6 +13,20 @@ use crate::queue::{
 const BEGIN_SNAPSHOT: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY";
 
 impl PostgresQueue {
+    pub(super) async fn read_job_counts(&self) -> Result<JobCounts, QueueError> {
+        let mut counts = JobCounts::default();
+        for row in sqlx::query("SELECT state, count(*) AS jobs FROM jobs GROUP BY state")
+            .fetch_all(&self.pool)
+            .await?
+        {
+            counts.add(
+                row.try_get::<String, _>("state")?.parse()?,
+                row.try_get("jobs")?,
+            );
+        }
+        Ok(counts)
+    }
+
     pub(super) async fn read_run_status(&self, run: RunId) -> Result<RunStatus, QueueError> {
         let mut tx = self.pool.begin_with(BEGIN_SNAPSHOT).await?;
         let run_row = sqlx::query("SELECT * FROM runs WHERE id = $1")

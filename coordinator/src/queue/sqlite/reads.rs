@@ -11,6 +11,20 @@ use crate::queue::{
 };
 
 impl SqliteQueue {
+    pub(super) async fn read_job_counts(&self) -> Result<JobCounts, QueueError> {
+        let mut counts = JobCounts::default();
+        for row in sqlx::query("SELECT state, count(*) AS jobs FROM jobs GROUP BY state")
+            .fetch_all(&self.pool)
+            .await?
+        {
+            counts.add(
+                row.try_get::<String, _>("state")?.parse()?,
+                row.try_get("jobs")?,
+            );
+        }
+        Ok(counts)
+    }
+
     pub(super) async fn read_run_status(&self, run: RunId) -> Result<RunStatus, QueueError> {
         let run_id = id_text(run.0);
         let mut tx = self.pool.begin().await?;

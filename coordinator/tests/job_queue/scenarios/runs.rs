@@ -1,14 +1,16 @@
 //! Run scenarios: idempotent creation, cancel, retry of dead jobs,
-//! listing, and the workers table.
+//! listing, job counts over every run, and the workers table.
 
 use std::time::Duration;
 
 use capture_coordinator::queue::{
-    JobQueue, JobState, NewRun, QueueError, RunFilter, RunId, RunState, WorkerSeen, WorkerState,
+    JobCounts, JobQueue, JobState, ModelRef, NewRun, QueueError, RunFilter, RunId, RunState,
+    WorkerSeen, WorkerState,
 };
 
 use crate::fixtures::{
-    LONG_LEASE, artifact, assert_lease_lost, create_run_with_jobs, run_spec, shard_jobs, tiny_model,
+    LONG_LEASE, artifact, artifacts_for_job, assert_lease_lost, create_run_with_jobs, run_spec,
+    shard_jobs, tiny_model,
 };
 
 pub(crate) async fn create_run_is_idempotent_on_run_id_and_job_keys(queue: impl JobQueue) {
@@ -324,4 +326,63 @@ pub(crate) async fn workers_are_recorded_with_their_model_and_state(queue: impl 
     );
     assert_eq!(workers[0].model, model);
     assert!(workers[0].last_seen_at >= workers[0].first_seen_at);
+}
+
+pub(crate) async fn job_counts_cover_every_run(queue: impl JobQueue) {
+    assert_eq!(queue.job_counts().await.unwrap(), JobCounts::default());
+    // Each run has its own model, so each claim knows which run it takes from.
+    let first_model = tiny_model();
+    let second_model = ModelRef {
+        id: "tests/other-model".to_owned(),
+        revision: "rev-b".to_owned(),
+    };
+    let third_model = ModelRef {
+        id: "tests/third-model".to_owned(),
+        revision: String::new(),
+    };
+    create_run_with_jobs(&queue, "counts", &first_model, 2).await;
+    let second_run = create_run_with_jobs(&queue, "counts", &second_model, 3).await;
+    create_run_with_jobs(&queue, "counts", &third_model, 1).await;
+
+    let succeeded = queue
+        .claim("worker-a", &first_model, LONG_LEASE)
+        .await
+        .unwrap()
+        .expect("a job");
+    queue
+        .complete(
+            succeeded.job.id,
+            succeeded.attempt,
+            "worker-a",
+            &artifacts_for_job(&succeeded.job.key),
+        )
+        .await
+        .unwrap();
+    let dead = queue
+        .claim("worker-a", &first_model, LONG_LEASE)
+        .await
+        .unwrap()
+        .expect("a job");
+    let failed = queue
+        .fail(dead.job.id, dead.attempt, "worker-a", "bad prompt", false)
+        .await
+        .unwrap();
+    assert_eq!(failed.state, JobState::Dead);
+    queue
+        .claim("worker-b", &second_model, LONG_LEASE)
+        .await
+        .unwrap()
+        .expect("a job");
+    queue.cancel_run(second_run).await.unwrap();
+
+    assert_eq!(
+        queue.job_counts().await.unwrap(),
+        JobCounts {
+            queued: 1,
+            leased: 1,
+            succeeded: 1,
+            dead: 1,
+            cancelled: 2,
+        }
+    );
 }
