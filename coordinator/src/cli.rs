@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::bench_query::{BenchQueryConfig, GEMMA_PROMPT_TOKENS, bench_query};
 use crate::bench_queue::{BenchQueueConfig, bench_queue};
 use crate::client::{RunArgs, RunsArgs, StatusArgs, SubmitArgs};
+use crate::soak::{SoakConfig, soak};
 
 /// Coordinator of capture runs: owns the job queue (Postgres for a cluster,
 /// SQLite embedded) that workers claim capture jobs from, and the client
@@ -56,6 +57,33 @@ pub enum Command {
     ///
     ///   coordinator bench-queue --database-url postgres://capture:capture@127.0.0.1:5432/capture_bench --workers 16 --jobs 5000
     BenchQueue(BenchQueueArgs),
+    /// Soak the whole job path on loopback: real gRPC workers, real server, real queue.
+    ///
+    /// Starts a coordinator gRPC server in this process on 127.0.0.1 (the
+    /// queue at --database-url, a local artifact store in a temporary
+    /// directory), submits one run of --jobs one-prompt jobs through
+    /// CaptureService, and drains it with --workers simulated workers: real
+    /// WorkerService clients, one connection each, that claim (long poll),
+    /// heartbeat from a separate task at the advertised interval, sleep
+    /// about --job-ms instead of capturing, stage a small file where a real
+    /// worker stages its artifact, and complete. --fail-rate injects
+    /// retryable failures; --zombie-rate makes workers go silent past their
+    /// lease and then complete anyway, which must be refused.
+    ///
+    /// When the run's manifest is written, prints a markdown table (claim,
+    /// heartbeat and complete latency p50/p90/p99/max, jobs per second,
+    /// lease losses) and checks the database and the store: every job
+    /// succeeded exactly once with one accepted completion and one artifact
+    /// row, no two attempts of a job overlap in time (no lease held twice),
+    /// every artifact promoted, nothing left in staging (zombies uploading
+    /// after finalization are counted apart), manifest complete. Exits
+    /// non-zero on any violation, and fails once --max-seconds have passed.
+    /// The run stays in the database; use a scratch database. Example:
+    ///
+    ///   createdb capture_soak
+    ///
+    ///   coordinator soak --database-url postgres://capture:capture@127.0.0.1:5432/capture_soak --workers 200 --jobs 10000 --job-ms 200
+    Soak(SoakArgs),
     /// Measure what a trait projection reads: ranged reads versus whole files.
     ///
     /// Writes a synthetic run of --prompts raw residual artifacts at
@@ -172,6 +200,62 @@ pub struct BenchQueueArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct SoakArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Simulated workers, each a WorkerService client on its own connection.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=2_000))]
+    pub workers: u32,
+    /// Jobs in the run, one prompt each.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub jobs: u32,
+    /// Mean duration of a fake capture in milliseconds (each job draws
+    /// 0.5x to 1.5x of it).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub job_ms: u64,
+    /// Lease the coordinator grants; heartbeats extend it.
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+    pub lease_seconds: f64,
+    /// Heartbeat interval the coordinator advertises (under --lease-seconds).
+    #[arg(long, default_value_t = 0.1, value_name = "SECONDS")]
+    pub heartbeat_seconds: f64,
+    /// Fraction of attempts that fail with a retryable error (0 to 0.5).
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_rate: f64,
+    /// Fraction of attempts whose worker goes silent past its lease, then
+    /// completes anyway (0 to 0.5); each holds its worker for the lease plus 1 s.
+    #[arg(long, default_value_t = 0.0)]
+    pub zombie_rate: f64,
+    /// Hard bound on the whole soak; past it, it stops and fails.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub max_seconds: u64,
+}
+
+impl SoakArgs {
+    /// The soak these flags ask for.
+    pub fn config(&self) -> anyhow::Result<SoakConfig> {
+        let seconds = |name: &str, value: f64| {
+            Duration::try_from_secs_f64(value)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .with_context(|| {
+                    format!("--{name} must be a positive number of seconds, got {value}")
+                })
+        };
+        Ok(SoakConfig {
+            workers: self.workers as usize,
+            jobs: self.jobs as usize,
+            job_duration: Duration::from_millis(self.job_ms),
+            lease: seconds("lease-seconds", self.lease_seconds)?,
+            heartbeat: seconds("heartbeat-seconds", self.heartbeat_seconds)?,
+            fail_rate: self.fail_rate,
+            zombie_rate: self.zombie_rate,
+            max_duration: Duration::from_secs(self.max_seconds),
+        })
+    }
+}
+
+#[derive(Debug, Args)]
 pub struct BenchQueryArgs {
     /// Where to write the synthetic run: s3://bucket/prefix (AWS_* variables),
     /// another store URL, or a local directory.
@@ -244,6 +328,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => crate::server::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::BenchQueue(args) => run_bench_queue(&args).await,
         Command::BenchQuery(args) => run_bench_query(&args).await,
+        Command::Soak(args) => run_soak(&args).await,
         Command::Submit(args) => match args.connection.coordinator {
             Some(_) => crate::client::submit_command(&args).await,
             None => crate::embedded::submit(&args).await,
@@ -287,6 +372,27 @@ async fn run_bench_queue(args: &BenchQueueArgs) -> anyhow::Result<ExitCode> {
     let report = bench_queue(&queue, config)
         .await
         .with_context(|| format!("benchmarking the queue at {shown_url}"))?;
+    println!("{}", report.to_markdown());
+    if report.is_clean() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!(
+        "verification failed: {} of {} jobs succeeded exactly once (run {})",
+        report.jobs_succeeded_once, config.jobs, report.run_id
+    );
+    for problem in &report.problems {
+        eprintln!("  {problem}");
+    }
+    Ok(ExitCode::FAILURE)
+}
+
+async fn run_soak(args: &SoakArgs) -> anyhow::Result<ExitCode> {
+    let shown_url = redact_database_url(&args.database.database_url);
+    let config = args.config()?;
+    tracing::info!(database = %shown_url, workers = config.workers, jobs = config.jobs, "starting soak");
+    let report = soak(&args.database.database_url, config)
+        .await
+        .with_context(|| format!("soaking the coordinator on {shown_url}"))?;
     println!("{}", report.to_markdown());
     if report.is_clean() {
         return Ok(ExitCode::SUCCESS);

@@ -25,7 +25,10 @@ pub mod plan;
 pub mod query;
 pub mod queue;
 pub mod server;
+#[cfg(test)]
+mod server_tests;
 pub mod service;
+pub mod soak;
 
 pub use queue::{JobQueue, Queue, QueueError};
 

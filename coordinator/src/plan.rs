@@ -387,6 +387,100 @@ mod tests {
         assert_eq!(planned.run.spec.decoding.max_new_tokens, 50);
     }
 
+    /// Names that must never become a path part of an artifact key.
+    fn hostile_names() -> Vec<String> {
+        let mut names: Vec<String> = [
+            ".",
+            "..",
+            "../x",
+            "a/../../b",
+            "./a",
+            "/etc/passwd",
+            "C:\\x",
+            "\\\\server\\share",
+            "a/b",
+            "a\0b",
+            "a\u{1}b",
+            "a\nb",
+            "\u{7f}",
+            "",
+            " ",
+            " \t\n",
+            "a\u{202e}b",
+            "\u{ff0e}\u{ff0e}",
+            "a\u{200b}b",
+            "%2e%2e",
+            "..%2f..",
+            "a:b",
+            "~",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        names.push("a".repeat(300));
+        names.push("a".repeat(5000));
+        names
+    }
+
+    fn prompt_file(name: &str, json: serde_json::Value) -> pb::PromptSetSource {
+        pb::PromptSetSource {
+            source: Some(pb::prompt_set_source::Source::File(pb::PromptFile {
+                name: name.into(),
+                json: json.to_string().into_bytes(),
+            })),
+        }
+    }
+
+    #[test]
+    fn hostile_names_in_a_run_spec_are_refused() {
+        let refused = |spec: pb::RunSpec, what: &str, name: &str| {
+            let err = plan_run(&spec, &model(), None).unwrap_err();
+            assert!(
+                matches!(err, CaptureServiceError::InvalidArgument(_)),
+                "{what} {name:?}: {err:?}"
+            );
+            let message = err.to_string();
+            assert!(
+                message.contains(&format!("unsafe {what}")),
+                "{what} {name:?}: {message}"
+            );
+        };
+        let fine = serde_json::json!({ "prompts": [{ "id": 1, "text": "hello" }] });
+        for name in hostile_names() {
+            if !name.is_empty() {
+                // An empty experiment means the default one.
+                let mut s = spec();
+                s.experiment = name.clone();
+                refused(s, "experiment name", &name);
+            }
+            let mut s = spec();
+            s.prompt_sets = vec![prompt_file(&name, fine.clone())];
+            refused(s, "prompt set name", &name);
+            // Ids inside a prompt file become file names too: the first,
+            // a later one, and one given as a JSON string of digits-and-more.
+            for prompts in [
+                serde_json::json!([{ "id": name, "text": "hello" }]),
+                serde_json::json!([
+                    { "id": 1, "text": "hello" },
+                    { "id": "two", "text": "hello" },
+                    { "id": name, "text": "hello" },
+                ]),
+            ] {
+                let mut s = spec();
+                s.prompt_sets = vec![
+                    builtin("dynamic"),
+                    prompt_file("mine", serde_json::json!({ "prompts": prompts })),
+                ];
+                refused(s, "prompt id", &name);
+            }
+        }
+        // The same file with safe names is planned, so the refusals above
+        // are about the names alone.
+        let mut s = spec();
+        s.prompt_sets = vec![prompt_file("mine", fine)];
+        let planned = plan_run(&s, &model(), None).unwrap();
+        assert_eq!(planned.jobs[0].payload.prompts[0].id, "1");
+    }
+
     #[test]
     fn refuses_bad_input_with_clear_messages() {
         let check = |spec: pb::RunSpec, needle: &str| {

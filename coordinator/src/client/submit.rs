@@ -6,7 +6,10 @@ use std::future::Future;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use anyhow::bail;
 use capture_proto::CaptureClient;
+use capture_proto::client::MAX_MESSAGE_BYTES;
+use capture_proto::prost::Message;
 use capture_proto::v1::{
     GetRunRequest, JobState, RunProgress, RunSpec, SubmitRunRequest, SubmitRunResponse,
 };
@@ -58,6 +61,15 @@ pub async fn submit_run(
     spec: RunSpec,
 ) -> anyhow::Result<SubmitRunResponse> {
     let request = SubmitRunRequest { spec: Some(spec) };
+    // Over the limit, tonic's encoder resets the stream and the caller would
+    // only see "h2 protocol error"; say what is too large instead.
+    let bytes = request.encoded_len();
+    if bytes > MAX_MESSAGE_BYTES {
+        bail!(
+            "submitting the run: the request is {bytes} bytes, more than the {MAX_MESSAGE_BYTES} \
+             a request may carry; split large prompt files over several runs"
+        );
+    }
     client
         .submit_run(request)
         .await

@@ -151,6 +151,10 @@ impl JobQueue for Queue {
         forward!(self.job_counts())
     }
 
+    async fn get_run(&self, run: RunId) -> Result<RunRecord, QueueError> {
+        forward!(self.get_run(run))
+    }
+
     async fn run_status(&self, run: RunId) -> Result<RunStatus, QueueError> {
         forward!(self.run_status(run))
     }

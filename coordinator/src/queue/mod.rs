@@ -139,6 +139,9 @@ pub trait JobQueue: Send + Sync {
     /// How many jobs of every run are in each state (for metrics).
     fn job_counts(&self) -> impl Future<Output = Result<JobCounts, QueueError>> + Send;
 
+    /// The run's record alone (no counts): NOT_FOUND when unknown.
+    fn get_run(&self, run: RunId) -> impl Future<Output = Result<RunRecord, QueueError>> + Send;
+
     /// The run with its job counts by state and its artifact count.
     fn run_status(&self, run: RunId) -> impl Future<Output = Result<RunStatus, QueueError>> + Send;
 

@@ -382,6 +382,10 @@ impl JobQueue for PostgresQueue {
         self.read_job_counts().await
     }
 
+    async fn get_run(&self, run: RunId) -> Result<RunRecord, QueueError> {
+        self.fetch_run(run).await
+    }
+
     async fn run_status(&self, run: RunId) -> Result<RunStatus, QueueError> {
         self.read_run_status(run).await
     }

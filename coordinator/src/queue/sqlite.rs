@@ -433,6 +433,10 @@ impl JobQueue for SqliteQueue {
         self.read_job_counts().await
     }
 
+    async fn get_run(&self, run: RunId) -> Result<RunRecord, QueueError> {
+        self.fetch_run(run).await
+    }
+
     async fn run_status(&self, run: RunId) -> Result<RunStatus, QueueError> {
         self.read_run_status(run).await
     }

@@ -36,14 +36,7 @@ impl Coordinator {
     /// finalizer repeats the promotion.
     pub(crate) async fn promote_job(&self, run: RunId, job: JobId, attempt: i32, keys: &[&str]) {
         let result = async {
-            let status = self
-                .queue
-                .run_status(run)
-                .await
-                .map_err(|e| e.to_string())?;
-            let store = self
-                .run_store(run, &status.run.spec)
-                .map_err(|e| e.to_string())?;
+            let store = self.run_store_of(run).await.map_err(|e| e.to_string())?;
             store
                 .promote(&job.to_string(), attempt_number(attempt), keys)
                 .await

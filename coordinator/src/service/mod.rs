@@ -2,7 +2,10 @@
 //! store: [`CaptureApi`] for clients, [`WorkerApi`] for workers, both
 //! sharing one [`Coordinator`].
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+
+/// Runs whose experiment names are cached before the cache starts over.
+const EXPERIMENT_CACHE_RUNS: usize = 10_000;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -57,6 +60,8 @@ pub struct Coordinator {
     pub(crate) timing: LeaseTiming,
     pub(crate) metrics: CoordinatorMetrics,
     finalizing: Mutex<HashSet<RunId>>,
+    /// Experiment names of runs seen by completions (see `run_store_of`).
+    experiments: Mutex<HashMap<RunId, String>>,
 }
 
 impl Coordinator {
@@ -68,7 +73,35 @@ impl Coordinator {
             timing,
             metrics: CoordinatorMetrics::default(),
             finalizing: Mutex::new(HashSet::new()),
+            experiments: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The run's root in the store, from its experiment name, which is
+    /// cached (a run's spec never changes) so that every completion does
+    /// not read the run's totals just to find its root.
+    pub(crate) async fn run_store_of(&self, run: RunId) -> Result<RunStore, CaptureServiceError> {
+        let cached = self
+            .experiments
+            .lock()
+            .expect("experiment cache lock")
+            .get(&run)
+            .cloned();
+        let experiment = match cached {
+            Some(experiment) => experiment,
+            None => {
+                let record = self.queue.get_run(run).await.map_err(queue_error)?;
+                let mut cache = self.experiments.lock().expect("experiment cache lock");
+                if cache.len() >= EXPERIMENT_CACHE_RUNS {
+                    cache.clear();
+                }
+                cache.insert(run, record.spec.experiment.clone());
+                record.spec.experiment
+            }
+        };
+        self.store
+            .run(&experiment, &run.to_string())
+            .map_err(|e| CaptureServiceError::Internal(e.to_string()))
     }
 
     pub fn queue(&self) -> &Queue {

@@ -368,6 +368,28 @@ mod tests {
     }
 
     #[test]
+    fn hostile_set_names_and_prompt_ids_never_become_a_plan() {
+        for name in crate::store::hostile_names::hostile_names() {
+            for (what, set, id) in [("set", name.as_str(), "1"), ("id", "dynamic", &name)] {
+                let mut job = job();
+                job.prompts[1].prompt_set = set.to_owned();
+                job.prompts[1].prompt_id = id.to_owned();
+                if what == "set" {
+                    job.prompts[0].prompt_set = set.to_owned();
+                }
+                match plan_job(&job, 4) {
+                    Err(error @ JobError::Prompt(_)) => {
+                        assert!(!error.is_retryable(), "{what} {name:?}");
+                        let message = error.to_string();
+                        assert!(message.starts_with("unsafe prompt "), "{message}");
+                    }
+                    other => panic!("{what} {name:?} was planned: {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
     fn artifacts_become_records() {
         let mut shapes = BTreeMap::new();
         shapes.insert(

@@ -180,6 +180,41 @@ mod tests {
         );
     }
 
+    /// A replay root names a run by experiment and run id, maybe with a
+    /// folder below: hostile parts never reach a read.
+    #[tokio::test]
+    async fn hostile_replay_roots_are_refused_before_any_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = ArtifactStore::from_url(root.to_str().unwrap(), &Default::default()).unwrap();
+        // `a/b` is hostile as one name but fine as two parts of a root.
+        for name in crate::store::hostile_names::hostile_names()
+            .into_iter()
+            .filter(|name| name != "a/b")
+        {
+            for replay_root in [
+                format!("{name}/run"),
+                format!("exp/{name}"),
+                format!("s3://bucket/{name}/run"),
+            ] {
+                if let Ok(replay) = StoreReplay::open(&store, &replay_root) {
+                    // Only a root with a folder below the run opens; its
+                    // reads are refused as unsafe keys, not attempted.
+                    let error = replay.find("set", "1").await.unwrap_err();
+                    assert!(
+                        error.to_string().contains("unsafe artifact key"),
+                        "{replay_root:?}: {error}"
+                    );
+                    continue;
+                }
+                let error = StoreReplay::open(&store, &replay_root).unwrap_err();
+                assert!(!error.is_retryable(), "{replay_root:?}: {error}");
+            }
+        }
+        // Nothing was created in the store.
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+    }
+
     #[test]
     fn replay_roots_elsewhere_are_refused() {
         let store = s3("team/captures");

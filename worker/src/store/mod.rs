@@ -28,6 +28,8 @@ mod run;
 mod store_url;
 
 #[cfg(test)]
+pub(crate) mod hostile_names;
+#[cfg(test)]
 mod suite;
 
 use std::fmt;

@@ -203,6 +203,15 @@ fn parse_bucket(input: &str, url: &url::Url, cloud: Cloud) -> Result<(String, St
     let after_scheme = input.split_once("://").map_or("", |(_, rest)| rest);
     let path = after_scheme.split_once('/').map_or("", |(_, path)| path);
     let prefix = path.strip_suffix('/').unwrap_or(path);
+    if prefix.is_empty() && !path.is_empty() {
+        // `s3://bucket//` would otherwise silently mean the bucket root.
+        return Err(invalid(
+            input,
+            format!(
+                "bad prefix: has an empty part (\"//\"); use {scheme}://{word}/ or {scheme}://{word}/prefix"
+            ),
+        ));
+    }
     if !prefix.is_empty() {
         validate_relative_key(prefix, KeyUse::Documented)
             .map_err(|err| invalid(input, format!("bad prefix: {}", reason_of(err))))?;

@@ -235,6 +235,16 @@ pub(crate) async fn runs_are_listed_newest_first_with_filters(queue: impl JobQue
         (older, RunState::Succeeded)
     );
     assert_eq!(alpha_runs[0].spec.experiment, "alpha");
+    let record = queue.get_run(older).await.unwrap();
+    assert_eq!(
+        (record.id, record.spec.experiment.as_str(), record.state),
+        (older, "alpha", RunState::Succeeded)
+    );
+    let unknown = queue.get_run(RunId::new_time_ordered()).await;
+    assert!(
+        matches!(unknown, Err(QueueError::NotFound { .. })),
+        "{unknown:?}"
+    );
     let running = RunFilter {
         state: Some(RunState::Running),
         ..RunFilter::default()

@@ -4,6 +4,7 @@
 mod corruption;
 mod fixtures;
 mod layout;
+mod proptests;
 mod round_trip;
 
 use serde_json::{Value as Json, json};
