@@ -631,9 +631,18 @@ impl ArtifactReader {
 
     /// Reads `spans` (in memory when inside the tail), coalesced.
     async fn fetch_spans(&self, spans: Vec<Range<u64>>) -> Result<Chunks, ReaderError> {
+        // Spans inside the tail are served from memory; a span that runs
+        // into the tail is fetched only up to where the tail starts.
         let needed: Vec<Range<u64>> = spans
             .into_iter()
             .filter(|span| !span.is_empty() && span_in(self.tail_start, &self.tail, span).is_none())
+            .map(|span| {
+                if span.start < self.tail_start {
+                    span.start..span.end.min(self.tail_start)
+                } else {
+                    span
+                }
+            })
             .collect();
         let merged = coalesce(needed, COALESCE_GAP_BYTES, MAX_COALESCED_BYTES);
         let fetched: Vec<(u64, Bytes)> = futures::stream::iter(merged)
@@ -820,6 +829,19 @@ impl Chunks {
         if let Some(within) = span_in(self.tail_start, &self.tail, span) {
             return Some(self.tail.slice(within));
         }
+        if span.start < self.tail_start && span.end > self.tail_start {
+            // Fetched up to the tail, the rest from the tail.
+            let head = self.fetched_slice(&(span.start..self.tail_start))?;
+            let rest = span_in(self.tail_start, &self.tail, &(self.tail_start..span.end))?;
+            let mut joined = Vec::with_capacity((span.end - span.start) as usize);
+            joined.extend_from_slice(&head);
+            joined.extend_from_slice(&self.tail[rest]);
+            return Some(Bytes::from(joined));
+        }
+        self.fetched_slice(span)
+    }
+
+    fn fetched_slice(&self, span: &Range<u64>) -> Option<Bytes> {
         let after = self
             .fetched
             .partition_point(|(start, _)| *start <= span.start);
