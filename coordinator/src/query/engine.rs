@@ -137,10 +137,10 @@ impl QueryEngine {
 
     /// The run's record and store root.
     pub async fn run(&self, run: RunId) -> Result<(RunRecord, RunStore), QueryError> {
-        let status = self
+        let record = self
             .coordinator
             .queue
-            .run_status(run)
+            .get_run(run)
             .await
             .map_err(|error| match error {
                 crate::queue::QueueError::NotFound { .. } => QueryError::NotFound {
@@ -149,12 +149,16 @@ impl QueryEngine {
                 },
                 other => QueryError::Queue(other),
             })?;
-        let store = self
-            .coordinator
+        let store = self.run_store(&record)?;
+        Ok((record, store))
+    }
+
+    /// The store root of a run already read.
+    pub fn run_store(&self, record: &RunRecord) -> Result<RunStore, QueryError> {
+        self.coordinator
             .store
-            .run(&status.run.spec.experiment, &run.to_string())
-            .map_err(|e| QueryError::Invalid(format!("run {run}: {e}")))?;
-        Ok((status.run, store))
+            .run(&record.spec.experiment, &record.id.to_string())
+            .map_err(|e| QueryError::Invalid(format!("run {}: {e}", record.id)))
     }
 
     /// The run's recorded artifacts, by key.

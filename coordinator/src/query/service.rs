@@ -366,7 +366,7 @@ impl QueryService for QueryApi {
         let mut artifacts = Vec::new();
         let mut truncated = false;
         'runs: for run in runs {
-            let store = self.engine.run(run.id).await?.1;
+            let store = self.engine.run_store(&run)?;
             let records = self
                 .coordinator()
                 .queue
