@@ -9,7 +9,9 @@ workloads:
 * KV cache plus capture hooks (residuals of every layer and eager attention
   probabilities, head-averaged, copied off each step): the fair competitor;
 * the original tool's method: full recompute of the whole context at every
-  step, with the same hooks.
+  step, with the same hooks;
+* with --batch-sizes, KV cache plus hooks over batches of distinct prompts of
+  the same length (no padding needed), as `worker bench` batches them.
 
 Prints seconds per generated token and peak resident memory, as a markdown
 table (and JSON with --json).
@@ -28,6 +30,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument(
         "--workloads", default="plain,hooks,recompute", help="comma-separated subset of plain,hooks,recompute"
+    )
+    parser.add_argument(
+        "--batch-sizes", default="", help="comma-separated batch sizes of extra KV cache + hooks workloads (e.g. 4,16)"
     )
     parser.add_argument("--json", help="also write the results as JSON here")
     args = parser.parse_args()
@@ -51,19 +56,26 @@ def main() -> None:
         for p in model.parameters():
             p.uniform_(-0.02 * 3**0.5, 0.02 * 3**0.5, generator=gen)
     model.tie_weights()
-    prompt = torch.tensor([[2] + [(1000 + 37 * i) % 256000 for i in range(args.prompt_tokens - 1)]])
+    base = [2] + [(1000 + 37 * i) % 256000 for i in range(args.prompt_tokens - 1)]
+
+    def prompts(batch):
+        # the same distinct prompts as `worker bench`: token p of prompt i
+        # shifted by 7919 * i, <bos> kept
+        return torch.tensor([[t if p == 0 else (t + 7919 * i) % 256000 for p, t in enumerate(base)]
+                             for i in range(batch)])
 
     captured = []
 
     def hook(module, inputs, output):
-        captured.append(inputs[0][:, -1].detach().clone())
-        captured.append((output[0] if isinstance(output, tuple) else output)[:, -1].detach().clone())
+        # every position of the pass: the whole prompt, then one per step
+        captured.append(inputs[0].detach().clone())
+        captured.append((output[0] if isinstance(output, tuple) else output).detach().clone())
 
-    def run(kind):
+    def run(kind, batch=1):
         handles = []
         if kind != "plain":
             handles = [layer.register_forward_hook(hook) for layer in model.model.layers]
-        ids = prompt
+        ids = prompts(batch)
         past = None
         start = time.perf_counter()
         with torch.no_grad():
@@ -78,14 +90,14 @@ def main() -> None:
                     out = model(ids, past_key_values=past, use_cache=True, output_attentions=kind == "hooks")
                     if kind == "hooks":
                         for a in out.attentions:
-                            captured.append(a[0].mean(0).clone())
+                            captured.append(a.mean(1).clone())
                     past = out.past_key_values
                     ids = out.logits[:, -1].argmax(-1, keepdim=True)
                 captured.clear()
         elapsed = time.perf_counter() - start
         for h in handles:
             h.remove()
-        return elapsed / args.new_tokens
+        return elapsed / (args.new_tokens * batch)
 
     names = {
         "plain": "transformers: plain generation (KV cache)",
@@ -96,8 +108,13 @@ def main() -> None:
     rows = []
     for kind in args.workloads.split(","):
         seconds = run(kind)
-        rows.append({"workload": names[kind], "seconds_per_token": seconds})
+        rows.append({"workload": names[kind], "batch": 1, "seconds_per_token": seconds})
         print(f"{names[kind]}: {seconds:.3f} s/token", flush=True)
+    for batch in [int(b) for b in args.batch_sizes.split(",") if b.strip() and int(b) > 1]:
+        seconds = run("hooks", batch)
+        name = f"{names['hooks']}, batch of {batch}"
+        rows.append({"workload": name, "batch": batch, "seconds_per_token": seconds})
+        print(f"{name}: {seconds:.3f} s/token", flush=True)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"\ntorch {torch.__version__}, {args.threads} threads, {args.prompt_tokens}-token prompt, "
           f"{args.new_tokens} new tokens, peak RSS {peak_gib:.1f} GiB\n")
@@ -106,7 +123,13 @@ def main() -> None:
         print(f"| {row['workload']} | {row['seconds_per_token']:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "peak_rss_gib": peak_gib, "torch": torch.__version__}, f, indent=2)
+            import transformers
+
+            json.dump(
+                {"rows": rows, "peak_rss_gib": peak_gib, "torch": torch.__version__,
+                 "transformers": transformers.__version__},
+                f, indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -170,6 +170,7 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<ExitCode> {
             model_id: None,
             device,
             compute_dtype,
+            batch_size: capture_worker::run::BatchSize::Auto,
             worker_id: None,
             drain_timeout: Duration::from_secs(5),
             max_jobs: None,

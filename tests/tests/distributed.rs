@@ -109,7 +109,14 @@ fn three_workers_capture_two_sets_in_both_modes_exactly_once() {
             &["--mode", "residual"][..],
             &["--mode", "internals", "--layers", "all"][..],
         ] {
-            let args = [&["--prompt-set", set][..], mode, &decoding[..]].concat();
+            // Workers batch each 4-prompt job whole (auto); batches of the
+            // same prompts give the same bits.
+            let args = [
+                &["--prompt-set", set, "--batch-size", "4"][..],
+                mode,
+                &decoding[..],
+            ]
+            .concat();
             rust_capture(&tiny_model(), expected_dir.path(), &args);
         }
     }
@@ -208,7 +215,15 @@ fn a_killed_worker_loses_its_job_to_another_and_nothing_is_lost_or_doubled() {
         &tiny_model(),
         expected_dir.path(),
         &[
-            &["--prompt-set", "dynamic", "--mode", "residual"][..],
+            &[
+                "--prompt-set",
+                "dynamic",
+                "--mode",
+                "residual",
+                // the one 8-prompt job is batched whole (auto)
+                "--batch-size",
+                "8",
+            ][..],
             &decoding[..],
         ]
         .concat(),

@@ -98,6 +98,21 @@ fn a_zombie_completion_is_refused_and_changes_nothing() {
             CaptureServiceError::from_status(&heartbeat).is_lease_lost(),
             "{heartbeat:?}"
         );
+        // The run is finalized (staging collected); the zombie uploads again
+        // anyway. Its refused completion must leave nothing behind.
+        ArtifactStore::from_url(
+            &cluster.store,
+            &StoreOptions {
+                s3_endpoint: Some(s3_endpoint()),
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap()
+        .run(&job.experiment, &job.run_id)
+        .unwrap()
+        .stage_put(&job.job_id, job.attempt, key, bogus.clone())
+        .await
+        .unwrap();
         let completion = client
             .complete_job(pb::CompleteJobRequest {
                 job_id: job.job_id.clone(),
@@ -126,6 +141,7 @@ fn a_zombie_completion_is_refused_and_changes_nothing() {
         );
     });
 
+    // No staging left: the post-finalization upload was deleted on refusal.
     let objects = cluster.run_objects("zombie", &run_id);
     let keys: Vec<&str> = objects.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(keys, vec![key, "manifest.json"], "{keys:?}");

@@ -1,20 +1,26 @@
 //! `worker bench`: seconds per generated token for plain generation, residual
-//! capture of every layer and internals capture of one layer, on random
-//! weights at a checkpoint's dimensions (the released gemma-2-2b by default).
+//! capture of every layer (alone and in batches) and internals capture of one
+//! layer, on random weights at a checkpoint's dimensions (the released
+//! gemma-2-2b by default), with each workload's peak memory; optionally the
+//! transformers reference (`scripts/bench_transformers.py`) on the same
+//! shapes, prompt and token count, run by the same command, side by side.
 
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::Instant;
 
 use candle_core::DType;
 use serde::Serialize;
 
 use crate::capture::{
-    CaptureMode, ResponsePlan, Sampling, TokenTexts, capture_prompt, generate, internals_artifact,
-    residual_artifact,
+    BatchItem, CaptureMode, ResponsePlan, Sampling, TokenTexts, capture_batch, capture_prompt,
+    generate, internals_artifact, residual_artifact,
 };
-use crate::error::Result;
+use crate::error::{CaptureError, Result};
 use crate::loader::{DeviceArg, dtype_name};
 use crate::model::{Gemma2, Gemma2Config, Weights};
 use crate::pt::{StoreDtype, encode_pt};
+use crate::run::peak_resident_memory;
 
 /// What to benchmark.
 #[derive(Debug, Clone)]
@@ -26,16 +32,58 @@ pub struct BenchOptions {
     pub device: DeviceArg,
     pub compute_dtype: Option<DType>,
     pub repeats: usize,
+    /// Batch sizes of the batched residual workloads (none: skip them).
+    pub batch_sizes: Vec<usize>,
+    /// Run the transformers reference too, with this Python and script.
+    pub transformers: Option<TransformersBench>,
+}
+
+/// How to run `scripts/bench_transformers.py`.
+#[derive(Debug, Clone)]
+pub struct TransformersBench {
+    pub python: PathBuf,
+    pub script: PathBuf,
+    pub threads: usize,
 }
 
 /// One measured workload.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchRow {
     pub workload: String,
+    /// Prompts per forward pass.
+    pub batch: usize,
+    /// Wall time per generated token (all sequences of a batch counted).
     pub seconds_per_token: f64,
-    /// Assembling and encoding the artifact(s), once per prompt.
+    /// Prompt plus response tokens whose activations were recorded, per
+    /// second (0 for plain generation).
+    pub captured_tokens_per_second: f64,
+    /// Assembling and encoding the artifact(s), per prompt.
     pub encode_seconds: f64,
     pub overhead_vs_plain: f64,
+    /// Peak resident memory of the process during this workload.
+    pub peak_memory_bytes: Option<u64>,
+}
+
+/// The transformers reference's results, from its JSON.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct TransformersReport {
+    pub rows: Vec<TransformersRow>,
+    pub peak_rss_gib: f64,
+    pub torch: String,
+    #[serde(default)]
+    pub transformers: String,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct TransformersRow {
+    pub workload: String,
+    #[serde(default = "one")]
+    pub batch: usize,
+    pub seconds_per_token: f64,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// The benchmark's results.
@@ -47,6 +95,7 @@ pub struct BenchReport {
     pub prompt_tokens: usize,
     pub new_tokens: usize,
     pub rows: Vec<BenchRow>,
+    pub transformers: Option<TransformersReport>,
 }
 
 /// Runs the three workloads `repeats` times each (best time kept) and reports.
@@ -86,10 +135,13 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
         token_ids: ids.to_vec(),
     };
     let per_token = |seconds: f64| seconds / options.new_tokens as f64;
+    let captured_rate =
+        |batch: usize, seconds: f64| (batch * (prompt.len() + options.new_tokens)) as f64 / seconds;
 
     log("warm-up");
     generate(&model, &prompt, plan, &mut || {})?;
 
+    reset_peak_memory();
     let mut plain = f64::INFINITY;
     for _ in 0..options.repeats {
         let start = Instant::now();
@@ -102,9 +154,12 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
     ));
     let mut rows = vec![BenchRow {
         workload: "plain generation (KV cache)".into(),
+        batch: 1,
         seconds_per_token: per_token(plain),
+        captured_tokens_per_second: 0.0,
         encode_seconds: 0.0,
         overhead_vs_plain: 0.0,
+        peak_memory_bytes: peak_resident_memory(),
     }];
     let modes = [
         (
@@ -120,6 +175,7 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
     ];
     for (name, mode) in modes {
         let request = mode.request(cfg.num_hidden_layers);
+        reset_peak_memory();
         let mut best = f64::INFINITY;
         let mut encode = f64::INFINITY;
         for _ in 0..options.repeats {
@@ -141,11 +197,86 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
         log(&format!("{name}: {:.3} s/token", per_token(best)));
         rows.push(BenchRow {
             workload: name,
+            batch: 1,
             seconds_per_token: per_token(best),
+            captured_tokens_per_second: captured_rate(1, best),
             encode_seconds: encode,
             overhead_vs_plain: best / plain - 1.0,
+            peak_memory_bytes: peak_resident_memory(),
         });
     }
+    // Batches of distinct prompts of the same length.
+    let request = CaptureMode::Residual.request(cfg.num_hidden_layers);
+    for &batch in options.batch_sizes.iter().filter(|&&b| b > 1) {
+        let prompts: Vec<Vec<u32>> = (0..batch as u32)
+            .map(|i| {
+                prompt
+                    .iter()
+                    .enumerate()
+                    .map(|(p, &t)| {
+                        if p == 0 {
+                            t
+                        } else {
+                            (t + 7919 * i) % cfg.vocab_size as u32
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let keys: Vec<String> = (0..batch).map(|i| format!("bench/{i}")).collect();
+        let items: Vec<BatchItem<'_>> = prompts
+            .iter()
+            .zip(&keys)
+            .map(|(ids, key)| BatchItem {
+                prompt_ids: ids,
+                plan: ResponsePlan::Generate {
+                    sampling: &sampling,
+                    max_new_tokens: options.new_tokens,
+                    eos_ids: &[],
+                    prompt_key: key,
+                },
+            })
+            .collect();
+        reset_peak_memory();
+        let mut best = f64::INFINITY;
+        let mut encode = f64::INFINITY;
+        for _ in 0..options.repeats {
+            let start = Instant::now();
+            let traces = capture_batch(&model, &items, &request, &mut |_| {})?;
+            best = best.min(start.elapsed().as_secs_f64());
+            let start = Instant::now();
+            for trace in &traces {
+                let (p, r) = (texts(&trace.prompt_ids), texts(&trace.response_ids));
+                encode_pt(&residual_artifact(trace, &p, &r, StoreDtype::F32), "bench")?;
+            }
+            encode = encode.min(start.elapsed().as_secs_f64() / batch as f64);
+        }
+        let name = format!("residual capture, all layers, batch of {batch}");
+        let seconds_per_token = best / (batch * options.new_tokens) as f64;
+        log(&format!("{name}: {seconds_per_token:.3} s/token"));
+        rows.push(BenchRow {
+            workload: name,
+            batch,
+            seconds_per_token,
+            captured_tokens_per_second: captured_rate(batch, best),
+            encode_seconds: encode,
+            overhead_vs_plain: seconds_per_token / per_token(plain) - 1.0,
+            peak_memory_bytes: peak_resident_memory(),
+        });
+    }
+    drop(model);
+    let transformers = match &options.transformers {
+        None => None,
+        Some(reference) => {
+            log("running the transformers reference (scripts/bench_transformers.py)");
+            Some(run_transformers(
+                reference,
+                prompt.len(),
+                options.new_tokens,
+                &options.batch_sizes,
+            )?)
+        }
+    };
     Ok(BenchReport {
         device: options.device.to_string(),
         compute_dtype: dtype_name(dtype).into(),
@@ -153,25 +284,222 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
         prompt_tokens: prompt.len(),
         new_tokens: options.new_tokens,
         rows,
+        transformers,
+    })
+}
+
+/// Starts a new peak for [`peak_resident_memory`] (Linux: writing 5 to
+/// `/proc/self/clear_refs` resets `VmHWM` to the current resident size).
+fn reset_peak_memory() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Runs the transformers reference on the same shapes and reads its JSON.
+fn run_transformers(
+    reference: &TransformersBench,
+    prompt_tokens: usize,
+    new_tokens: usize,
+    batch_sizes: &[usize],
+) -> Result<TransformersReport> {
+    let batches: Vec<String> = batch_sizes.iter().map(ToString::to_string).collect();
+    let json = std::env::temp_dir().join(format!("capture-bench-{}.json", std::process::id()));
+    let status = Command::new(&reference.python)
+        .arg(&reference.script)
+        .args(["--prompt-tokens", &prompt_tokens.to_string()])
+        .args(["--new-tokens", &new_tokens.to_string()])
+        .args(["--threads", &reference.threads.to_string()])
+        .args(["--batch-sizes", &batches.join(",")])
+        .arg("--json")
+        .arg(&json)
+        .status()
+        .map_err(|e| {
+            CaptureError::InvalidArgument(format!(
+                "cannot run {} {}: {e} (set --python or CAPTURE_PYTHON to a Python with torch and transformers)",
+                reference.python.display(),
+                reference.script.display()
+            ))
+        })?;
+    if !status.success() {
+        return Err(CaptureError::InvalidArgument(format!(
+            "the transformers reference failed ({status}): see its output above"
+        )));
+    }
+    let text = std::fs::read_to_string(&json).map_err(|source| CaptureError::Io {
+        path: json.clone(),
+        source,
+    })?;
+    let _ = std::fs::remove_file(&json);
+    serde_json::from_str(&text).map_err(|e| {
+        CaptureError::InvalidArgument(format!(
+            "unreadable transformers results {}: {e}",
+            json.display()
+        ))
     })
 }
 
 impl BenchReport {
-    /// A markdown table of the results.
+    /// A markdown table of the results; with the transformers reference,
+    /// its rows follow ours and every row gets its speed relative to
+    /// transformers with a KV cache and capture hooks.
     pub fn to_markdown(&self) -> String {
+        let gib = |b: Option<u64>| {
+            b.map_or("—".to_string(), |b| {
+                format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+            })
+        };
+        // The fair competitor of a row: transformers with a KV cache and
+        // hooks at the same batch size.
+        let fair = |batch: usize| {
+            self.transformers.as_ref().and_then(|t| {
+                t.rows
+                    .iter()
+                    .find(|r| {
+                        r.batch == batch
+                            && r.workload.contains("hooks")
+                            && !r.workload.contains("recompute")
+                    })
+                    .map(|r| r.seconds_per_token)
+            })
+        };
+        let versus = |batch: usize, seconds: f64| {
+            fair(batch).map_or("—".to_string(), |f| format!("{:.2}x", f / seconds))
+        };
         let mut out = format!(
-            "device {}, compute {}, {} threads, {}-token prompt, {} new tokens\n\n| workload | s / generated token | overhead vs plain | artifact assembly + encode (s) |\n|---|---|---|---|\n",
+            "device {}, compute {}, {} threads, {}-token prompt, {} new tokens\n\n\
+             | workload | batch | s / generated token | captured tokens / s | peak memory | overhead vs plain | assembly + encode per prompt (s) | speed vs transformers KV cache + hooks |\n\
+             |---|---|---|---|---|---|---|---|\n",
             self.device, self.compute_dtype, self.threads, self.prompt_tokens, self.new_tokens
         );
         for row in &self.rows {
+            let rate = if row.captured_tokens_per_second > 0.0 {
+                format!("{:.1}", row.captured_tokens_per_second)
+            } else {
+                "—".into()
+            };
             out.push_str(&format!(
-                "| {} | {:.3} | {:+.1}% | {:.3} |\n",
+                "| capture: {} | {} | {:.3} | {rate} | {} | {:+.1}% | {:.3} | {} |\n",
                 row.workload,
+                row.batch,
                 row.seconds_per_token,
+                gib(row.peak_memory_bytes),
                 row.overhead_vs_plain * 100.0,
-                row.encode_seconds
+                row.encode_seconds,
+                versus(row.batch, row.seconds_per_token),
+            ));
+        }
+        if let Some(t) = &self.transformers {
+            let tokens = (self.prompt_tokens + self.new_tokens) as f64;
+            for row in &t.rows {
+                let rate = if row.workload.contains("hooks") {
+                    format!(
+                        "{:.1}",
+                        tokens / (row.seconds_per_token * self.new_tokens as f64)
+                    )
+                } else {
+                    "—".into()
+                };
+                let rate = if row.workload.contains("hooks") {
+                    format!(
+                        "{:.1}",
+                        row.batch as f64 * tokens
+                            / (row.seconds_per_token * (row.batch * self.new_tokens) as f64)
+                    )
+                } else {
+                    rate
+                };
+                out.push_str(&format!(
+                    "| {} | {} | {:.3} | {rate} | {:.1} GiB (whole script) | — | — | {} |\n",
+                    row.workload,
+                    row.batch,
+                    row.seconds_per_token,
+                    t.peak_rss_gib,
+                    versus(row.batch, row.seconds_per_token),
+                ));
+            }
+            out.push_str(&format!(
+                "\ntransformers {} on torch {}\n",
+                if t.transformers.is_empty() {
+                    "?"
+                } else {
+                    &t.transformers
+                },
+                t.torch
             ));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_puts_both_engines_side_by_side() {
+        let row = |workload: &str, batch, seconds| BenchRow {
+            workload: workload.into(),
+            batch,
+            seconds_per_token: seconds,
+            captured_tokens_per_second: 0.0,
+            encode_seconds: 0.01,
+            overhead_vs_plain: 0.0,
+            peak_memory_bytes: Some(3 << 30),
+        };
+        let mut report = BenchReport {
+            device: "cpu".into(),
+            compute_dtype: "f32".into(),
+            threads: 2,
+            prompt_tokens: 30,
+            new_tokens: 20,
+            rows: vec![
+                row("plain generation (KV cache)", 1, 1.0),
+                BenchRow {
+                    captured_tokens_per_second: 50.0,
+                    ..row("residual capture, all layers", 1, 1.25)
+                },
+                row("residual capture, all layers, batch of 4", 4, 0.25),
+            ],
+            transformers: Some(TransformersReport {
+                rows: vec![
+                    TransformersRow {
+                        workload: "transformers: KV cache + capture hooks".into(),
+                        batch: 1,
+                        seconds_per_token: 2.5,
+                    },
+                    TransformersRow {
+                        workload: "transformers: full recompute + hooks (original tool)".into(),
+                        batch: 1,
+                        seconds_per_token: 7.5,
+                    },
+                    TransformersRow {
+                        workload: "transformers: KV cache + capture hooks, batch of 4".into(),
+                        batch: 4,
+                        seconds_per_token: 0.5,
+                    },
+                ],
+                peak_rss_gib: 13.1,
+                torch: "2.9".into(),
+                transformers: "5.0".into(),
+            }),
+        };
+        let table = report.to_markdown();
+        assert!(table.contains("| capture: residual capture, all layers | 1 | 1.250 | 50.0 | 3.0 GiB | +0.0% | 0.010 | 2.00x |"), "{table}");
+        assert!(table.contains("| transformers: KV cache + capture hooks | 1 | 2.500 | 1.0 | 13.1 GiB (whole script) | — | — | 1.00x |"), "{table}");
+        assert!(
+            table.contains("full recompute + hooks (original tool) | 1 | 7.500 | 0.3 |"),
+            "{table}"
+        );
+        assert!(table.contains("| 0.33x |"), "{table}");
+        // batched rows compare with transformers at the same batch size
+        assert!(
+            table.contains("batch of 4 | 4 | 0.250 | — | 3.0 GiB | +0.0% | 0.010 | 2.00x |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("hooks, batch of 4 | 4 | 0.500 | 5.0 |"),
+            "{table}"
+        );
+        report.transformers = None;
+        assert!(report.to_markdown().contains("| 0.010 | — |"));
     }
 }

@@ -9,7 +9,7 @@ use candle_core::DType;
 use capture_proto::{ClientConfig, Token};
 use clap::{Args, Parser, Subcommand};
 
-use crate::bench::BenchOptions;
+use crate::bench::{BenchOptions, TransformersBench};
 use crate::capture::{LayerSelection, Sampling};
 use crate::loader::{DeviceArg, parse_compute_dtype};
 use crate::metrics::WorkerMetrics;
@@ -17,7 +17,7 @@ use crate::model::Gemma2Config;
 use crate::model_files::ModelSource;
 use crate::pt::StoreDtype;
 use crate::pull::PullOptions;
-use crate::run::{CaptureOptions, PromptSource};
+use crate::run::{BatchSize, CaptureOptions, PromptSource};
 use crate::store::StoreOptions;
 
 #[derive(Debug, Parser)]
@@ -116,6 +116,9 @@ pub struct CaptureArgs {
     /// Compute dtype: f32 (default on cpu), bf16 (default on cuda) or f16
     #[arg(long, value_parser = parse_compute_dtype)]
     pub dtype: Option<DType>,
+    /// Prompts per forward pass: a number, or auto to fit as many as half of the free memory allows (at most 32); batching several prompts reads the weights once per step for all of them
+    #[arg(long, default_value = "auto", value_name = "N|auto")]
+    pub batch_size: BatchSize,
     /// Output root: artifacts go below it at the reference's relative paths, with manifest.json at the top
     #[arg(long)]
     pub out: PathBuf,
@@ -155,6 +158,7 @@ impl CaptureArgs {
             chat_template: self.chat_template,
             device: self.device,
             compute_dtype: self.dtype,
+            batch_size: self.batch_size,
             out: self.out,
             progress: !self.quiet,
         }
@@ -187,6 +191,14 @@ pub struct RunArgs {
     /// Compute dtype: f32 (default on cpu), bf16 (default on cuda) or f16
     #[arg(long, value_parser = parse_compute_dtype)]
     pub dtype: Option<DType>,
+    /// Prompts per forward pass: a number, or auto to fit as many as half of the free memory allows (at most 32); batching several prompts reads the weights once per step for all of them
+    #[arg(
+        long,
+        env = "CAPTURE_BATCH_SIZE",
+        default_value = "auto",
+        value_name = "N|auto"
+    )]
+    pub batch_size: BatchSize,
     /// Bearer token for the coordinator (falls back to CAPTURE_TOKEN)
     #[arg(long, env = "CAPTURE_WORKER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -234,6 +246,7 @@ impl RunArgs {
             model_id: self.model_id,
             device: self.device,
             compute_dtype: self.dtype,
+            batch_size: self.batch_size,
             worker_id: self.worker_id,
             drain_timeout: Duration::from_secs(self.drain_timeout),
             max_jobs: self.max_jobs,
@@ -264,6 +277,18 @@ pub struct BenchArgs {
     pub device: DeviceArg,
     #[arg(long, value_parser = parse_compute_dtype)]
     pub dtype: Option<DType>,
+    /// Batch sizes of the batched residual-capture workloads, comma-separated (1 alone: none)
+    #[arg(long, value_delimiter = ',', default_value = "4,16")]
+    pub batch_sizes: Vec<usize>,
+    /// Also run the transformers reference (KV cache + capture hooks, and the original full-recompute method) on the same shapes, prompt and token count, and print both side by side with the ratios
+    #[arg(long)]
+    pub compare_transformers: bool,
+    /// Python with torch and transformers for --compare-transformers
+    #[arg(long, env = "CAPTURE_PYTHON", default_value = "python3")]
+    pub python: PathBuf,
+    /// The reference benchmark script
+    #[arg(long, default_value = "scripts/bench_transformers.py")]
+    pub transformers_script: PathBuf,
     /// Also write the results as JSON to this file
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -289,6 +314,17 @@ impl BenchArgs {
             self.new_tokens > 0 && self.prompt_tokens > 0,
             "--new-tokens and --prompt-tokens must be positive"
         );
+        if self.compare_transformers {
+            anyhow::ensure!(
+                self.config.is_none(),
+                "--compare-transformers runs the reference at gemma-2-2b's dimensions: drop --config"
+            );
+            anyhow::ensure!(
+                self.transformers_script.is_file(),
+                "{} not found: run from the repository root or pass --transformers-script",
+                self.transformers_script.display()
+            );
+        }
         Ok(BenchOptions {
             config,
             prompt_tokens: self.prompt_tokens,
@@ -297,6 +333,12 @@ impl BenchArgs {
             device: self.device,
             compute_dtype: self.dtype,
             repeats: self.repeats.max(1),
+            batch_sizes: self.batch_sizes.clone(),
+            transformers: self.compare_transformers.then(|| TransformersBench {
+                python: self.python.clone(),
+                script: self.transformers_script.clone(),
+                threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            }),
         })
     }
 }

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod capture;
 pub mod cli;
 pub mod error;
+pub mod fuzzing;
 pub mod loader;
 pub mod manifest;
 pub mod metrics;

@@ -43,12 +43,17 @@ fn main() -> ExitCode {
 fn capture(args: capture_worker::cli::CaptureArgs) -> anyhow::Result<()> {
     let out = args.out.clone();
     let summary = run_capture(&args.into_options())?;
+    let peak = summary
+        .peak_memory_bytes
+        .map(|b| format!(", peak memory {:.2} GiB", b as f64 / (1u64 << 30) as f64))
+        .unwrap_or_default();
     eprintln!(
-        "captured {} artifact(s) of set {} ({} tokens in {:.1} s) under {}",
+        "captured {} artifact(s) of set {} ({} tokens in {:.1} s, {} prompt(s) per batch{peak}) under {}",
         summary.artifacts.len(),
         summary.prompt_set,
         summary.generated_tokens,
         summary.seconds,
+        summary.batch_size,
         out.display()
     );
     Ok(())

@@ -70,9 +70,19 @@ impl Manifest {
             path: path.to_path_buf(),
             source,
         })?;
-        serde_json::from_str(&text).map_err(|e| {
-            CaptureError::InvalidArgument(format!("cannot read manifest {}: {e}", path.display()))
+        Self::from_json(&text, &path.display().to_string())
+    }
+
+    /// Parses a manifest; `source` names it in the error.
+    pub fn from_json(text: &str, source: &str) -> Result<Self> {
+        serde_json::from_str(text).map_err(|e| {
+            CaptureError::InvalidArgument(format!("cannot read manifest {source}: {e}"))
         })
+    }
+
+    /// The manifest as written to `manifest.json`.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a manifest serialises")
     }
 
     /// Adds or replaces the entry with the same key.
@@ -85,8 +95,7 @@ impl Manifest {
 
     /// Writes the manifest atomically (temporary file, then rename).
     pub fn write(&self, path: &Path) -> Result<()> {
-        let json = serde_json::to_vec_pretty(self).expect("a manifest serialises");
-        crate::pt::write_file_atomic(path, &json)?;
+        crate::pt::write_file_atomic(path, self.to_json().as_bytes())?;
         Ok(())
     }
 }

@@ -5,8 +5,10 @@
 //! capture, artifacts; `replay.rs`: the replayed response and its checks)
 //! are shared with the pulling worker (`crate::pull`).
 
+mod batch;
 mod prompt;
 mod replay;
+mod writer;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -21,11 +23,16 @@ use crate::loader::{DeviceArg, ModelMeta, dtype_name};
 use crate::manifest::{ArtifactEntry, Manifest, ModelIdentity};
 use crate::model_files::ModelSource;
 use crate::prompts::PromptSet;
-use crate::pt::{StoreDtype, write_pt_file};
+use crate::pt::StoreDtype;
+use writer::ArtifactWriter;
 
+pub use batch::{
+    AUTO_MAX, BatchSize, SequenceCost, auto_batch_size, free_device_memory, host_available_memory,
+    peak_resident_memory, sequence_cost,
+};
 pub use prompt::{
     CaptureSettings, CapturedPrompt, PreparedPrompt, PromptArtifact, capture_prepared,
-    prepare_prompts,
+    capture_prepared_batch, longest_context, prepare_prompts,
 };
 pub use replay::{ReplayDir, ReplaySource, first_internals_file, internals_dir, nothing_to_replay};
 
@@ -66,6 +73,8 @@ pub struct CaptureOptions {
     pub chat_template: bool,
     pub device: DeviceArg,
     pub compute_dtype: Option<DType>,
+    /// Prompts per forward pass.
+    pub batch_size: BatchSize,
     pub out: PathBuf,
     pub progress: bool,
 }
@@ -78,6 +87,10 @@ pub struct CaptureSummary {
     pub generated_tokens: usize,
     pub seconds: f64,
     pub manifest_path: PathBuf,
+    /// Prompts per forward pass (resolved from `auto`).
+    pub batch_size: usize,
+    /// Peak resident memory of the process, when the OS reports it.
+    pub peak_memory_bytes: Option<u64>,
 }
 
 /// Relative key of a residual artifact.
@@ -156,33 +169,51 @@ pub fn run_capture(options: &CaptureOptions) -> Result<CaptureSummary> {
         "device": options.device.to_string(),
     });
     let manifest_path = options.out.join("manifest.json");
-    let mut manifest = existing_manifest(&manifest_path, &identity, &parameters)?
+    let manifest = existing_manifest(&manifest_path, &identity, &parameters)?
         .unwrap_or_else(|| Manifest::new(identity, parameters));
 
     let model = meta.load_model(&device, compute_dtype)?;
+    let batch_size = options
+        .batch_size
+        .resolve(
+            &meta.config,
+            &settings.mode,
+            longest_context(&prepared, &settings),
+            compute_dtype,
+            &device,
+        )
+        .min(prepared.len().max(1));
     let progress = progress_bar(options.progress, prepared.len());
     let started = Instant::now();
     let mut generated = 0usize;
-    let mut written = Vec::new();
-    for item in &prepared {
-        progress.set_message(format!("prompt {}", item.prompt.id));
-        let mut on_token = || {
+    // Encoding, hashing and writing run on their own thread while the next
+    // batch computes; at most one batch waits for it.
+    let writer = ArtifactWriter::start(
+        options.out.clone(),
+        manifest,
+        manifest_path.clone(),
+        batch_size,
+    );
+    for batch in prepared.chunks(batch_size) {
+        let first = &batch[0].prompt.id;
+        progress.set_message(match batch.len() {
+            1 => format!("prompt {first}"),
+            n => format!("prompts {first}.. ({n} per batch)"),
+        });
+        let mut on_token = |_| {
             generated += 1;
             let rate = generated as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            progress.set_message(format!("prompt {} · {rate:.2} tok/s", item.prompt.id));
+            progress.set_message(format!("batch of {} · {rate:.2} tok/s", batch.len()));
         };
-        let captured = capture_prepared(&meta, &model, &settings, item, &mut on_token)?;
-        for artifact in &captured.artifacts {
-            let info = write_pt_file(&options.out.join(&artifact.key), &artifact.value)?;
-            let entry = captured.entry(artifact, info.bytes, info.sha256);
-            manifest.upsert(entry.clone());
-            written.push(entry);
+        let captured = capture_prepared_batch(&meta, &model, &settings, batch, &mut on_token)?;
+        for prompt in captured {
+            if !writer.send(prompt) {
+                break;
+            }
+            progress.inc(1);
         }
-        // Rewritten after every prompt, so an interrupted run keeps a true
-        // record of what it finished.
-        manifest.write(&manifest_path)?;
-        progress.inc(1);
     }
+    let written = writer.finish()?;
     progress.finish_and_clear();
     Ok(CaptureSummary {
         prompt_set: set.name,
@@ -190,6 +221,8 @@ pub fn run_capture(options: &CaptureOptions) -> Result<CaptureSummary> {
         generated_tokens: generated,
         seconds: started.elapsed().as_secs_f64(),
         manifest_path,
+        batch_size,
+        peak_memory_bytes: peak_resident_memory(),
     })
 }
 

@@ -48,6 +48,47 @@ impl Coordinator {
         }
     }
 
+    /// Deletes what a refused attempt staged (a zombie whose lease was lost
+    /// and that completed anyway), unless the queue says that attempt was
+    /// accepted: its staged files are never promoted, and if the run is
+    /// already finalized nothing else would collect them. Errors are logged;
+    /// nothing at a documented key is touched.
+    pub(crate) async fn discard_refused_attempt(&self, run: RunId, job: JobId, attempt: i32) {
+        let accepted = match self.queue.list_attempts(run).await {
+            Ok(attempts) => attempts.iter().any(|a| {
+                a.job_id == job
+                    && a.attempt == attempt
+                    && a.outcome == Some(crate::queue::AttemptOutcome::Succeeded)
+            }),
+            // Unknown: keep the files (the finalizer collects them if the
+            // run is not finalized yet).
+            Err(error) => {
+                warn!(%run, %job, attempt, %error, "cannot check a refused attempt; its staged files stay");
+                return;
+            }
+        };
+        if accepted {
+            return;
+        }
+        let result = async {
+            let store = self.run_store_of(run).await.map_err(|e| e.to_string())?;
+            store
+                .discard_attempt(&job.to_string(), attempt_number(attempt))
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        match result {
+            Ok(0) => {}
+            Ok(deleted) => {
+                info!(%run, %job, attempt, deleted, "refused attempt's staged files deleted")
+            }
+            Err(error) => {
+                warn!(%run, %job, attempt, error, "deleting a refused attempt's staged files failed")
+            }
+        }
+    }
+
     /// Finalizes every terminal run that is not yet, repairing whatever a
     /// crash left half done. Returns how many runs it finalized.
     pub async fn finalize_pending(&self) -> usize {

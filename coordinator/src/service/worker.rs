@@ -361,6 +361,9 @@ impl WorkerService for WorkerApi {
             Err(error) => {
                 if matches!(error, QueueError::LeaseLost { .. }) {
                     warn!(job_id = %job_id, attempt, worker_id, "late completion discarded: lease lost");
+                    self.coordinator
+                        .discard_refused_attempt(job.run_id, job_id, attempt)
+                        .await;
                 }
                 Err(self.refused(LeaseLossKind::Complete, error).into())
             }

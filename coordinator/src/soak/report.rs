@@ -82,9 +82,8 @@ pub struct SoakReport {
     pub overlapping_attempts: usize,
     /// Artifacts at their documented keys.
     pub promoted_objects: usize,
-    /// Objects left in staging by zombies that uploaded after the run was
-    /// finalized (nothing can collect them; they never reach a documented
-    /// key).
+    /// Objects left in staging by zombies (their refused completion deletes
+    /// what they staged, even after the run was finalized): a violation.
     pub zombie_staged_objects_left: usize,
     /// Objects left in staging by any other attempt: a violation.
     pub staged_objects_left: usize,

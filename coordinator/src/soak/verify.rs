@@ -146,16 +146,25 @@ pub(super) async fn verify_store(
             .next()
             .zip(parts.next().and_then(|attempt| attempt.parse::<u32>().ok()))
             .map(|(job, attempt)| (job.to_owned(), attempt));
-        if fence.is_some_and(|fence| zombies.contains(&fence)) {
+        // A zombie's files are deleted when its completion is refused;
+        // anything else is collected by finalization. Either left is a
+        // violation.
+        let zombie = fence.is_some_and(|fence| zombies.contains(&fence));
+        if zombie {
             report.zombie_staged_objects_left += 1;
         } else {
             report.staged_objects_left += 1;
-            if report.problems.len() < MAX_LISTED {
-                report.problems.push(format!(
-                    "left in staging after finalization: {}",
-                    object.key
-                ));
-            }
+        }
+        if report.problems.len() < MAX_LISTED {
+            report.problems.push(format!(
+                "left in staging after finalization{}: {}",
+                if zombie {
+                    " (a refused zombie's upload)"
+                } else {
+                    ""
+                },
+                object.key
+            ));
         }
     }
     if report.promoted_objects != jobs {

@@ -2,11 +2,11 @@
 //! recording from the same passes that choose the tokens (capture-semantics.md,
 //! "Generation steps").
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 
 use super::decode::{Sampling, TokenChooser};
 use super::trace::{LayerTrace, PromptTrace};
-use crate::model::{CaptureRequest, Gemma2, KvCache, LayerRecord};
+use crate::model::{BatchOutput, CaptureRequest, Gemma2, KvCache, LayerRecord};
 
 /// Where the response tokens come from.
 #[derive(Debug, Clone, Copy)]
@@ -33,44 +33,80 @@ impl ResponsePlan<'_> {
     }
 }
 
-/// Runs the steps of `plan` after `prompt_ids`, calling `pass` for every
-/// forward pass (given the tokens to append and the cache) and `on_token`
-/// after each response token. Returns the response ids.
+/// One sequence of a batched capture: its prompt and where its response
+/// comes from.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchItem<'a> {
+    pub prompt_ids: &'a [u32],
+    pub plan: ResponsePlan<'a>,
+}
+
+/// Runs the steps of every item's plan in lock step: one pass over the
+/// padded prompts, then one decode pass per step over the sequences still
+/// running; a sequence leaves the batch (and the cache) once its plan is done.
+/// `pass` gets the tokens to append per running sequence, the cache and the
+/// running sequences' item indices, and returns `[running, vocab]` logits on
+/// the host; `on_token` runs after each response token with its item index.
+/// Returns every item's response ids.
 fn run_steps(
     model: &Gemma2,
-    prompt_ids: &[u32],
-    plan: ResponsePlan<'_>,
-    mut pass: impl FnMut(&[u32], &mut KvCache) -> candle_core::Result<Tensor>,
-    on_token: &mut dyn FnMut(),
-) -> candle_core::Result<Vec<u32>> {
-    let mut cache = model.new_cache();
-    let mut chooser = match plan {
-        ResponsePlan::Generate {
-            sampling,
-            prompt_key,
-            ..
-        } => Some(TokenChooser::new(sampling, prompt_key)),
-        ResponsePlan::Replay(_) => None,
-    };
-    let mut response = Vec::with_capacity(plan.max_steps());
-    let mut input: Vec<u32> = prompt_ids.to_vec();
-    for step in 0..plan.max_steps() {
-        let logits = pass(&input, &mut cache)?;
-        let token = match (&plan, chooser.as_mut()) {
-            (ResponsePlan::Replay(ids), _) => ids[step],
-            (_, Some(chooser)) => chooser.choose(&logits.to_vec1::<f32>()?),
-            (ResponsePlan::Generate { .. }, None) => unreachable!("a generate plan has a chooser"),
-        };
-        response.push(token);
-        on_token();
-        if let ResponsePlan::Generate { eos_ids, .. } = plan
-            && eos_ids.contains(&token)
-        {
-            break;
+    items: &[BatchItem<'_>],
+    mut pass: impl FnMut(&[&[u32]], &mut KvCache, &[usize]) -> candle_core::Result<Tensor>,
+    on_token: &mut dyn FnMut(usize),
+) -> candle_core::Result<Vec<Vec<u32>>> {
+    let mut choosers: Vec<Option<TokenChooser>> = items
+        .iter()
+        .map(|item| match item.plan {
+            ResponsePlan::Generate {
+                sampling,
+                prompt_key,
+                ..
+            } => Some(TokenChooser::new(sampling, prompt_key)),
+            ResponsePlan::Replay(_) => None,
+        })
+        .collect();
+    let mut responses: Vec<Vec<u32>> = items
+        .iter()
+        .map(|item| Vec::with_capacity(item.plan.max_steps()))
+        .collect();
+    let mut running: Vec<usize> = (0..items.len())
+        .filter(|&i| items[i].plan.max_steps() > 0)
+        .collect();
+    let mut inputs: Vec<Vec<u32>> = running
+        .iter()
+        .map(|&i| items[i].prompt_ids.to_vec())
+        .collect();
+    let mut cache = model.new_cache(running.len());
+    while !running.is_empty() {
+        let tokens: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
+        let logits = pass(&tokens, &mut cache, &running)?;
+        let mut keep = Vec::with_capacity(running.len());
+        let mut next_inputs = Vec::with_capacity(running.len());
+        for (row, &i) in running.iter().enumerate() {
+            let step = responses[i].len();
+            let token = match (&items[i].plan, choosers[i].as_mut()) {
+                (ResponsePlan::Replay(ids), _) => ids[step],
+                (_, Some(chooser)) => chooser.choose(&logits.get(row)?.to_vec1::<f32>()?),
+                (ResponsePlan::Generate { .. }, None) => {
+                    unreachable!("a generate plan has a chooser")
+                }
+            };
+            responses[i].push(token);
+            on_token(i);
+            let ended = match items[i].plan {
+                ResponsePlan::Generate { eos_ids, .. } => eos_ids.contains(&token),
+                ResponsePlan::Replay(_) => false,
+            };
+            if !ended && responses[i].len() < items[i].plan.max_steps() {
+                keep.push(row);
+                next_inputs.push(vec![token]);
+            }
         }
-        input = vec![token];
+        cache.retain(&keep)?;
+        running = keep.iter().map(|&row| running[row]).collect();
+        inputs = next_inputs;
     }
-    Ok(response)
+    Ok(responses)
 }
 
 /// Generates without capturing anything (the baseline of the benchmarks).
@@ -80,13 +116,15 @@ pub fn generate(
     plan: ResponsePlan<'_>,
     on_token: &mut dyn FnMut(),
 ) -> candle_core::Result<Vec<u32>> {
-    run_steps(
+    let items = [BatchItem { prompt_ids, plan }];
+    let none = CaptureRequest::default();
+    let mut responses = run_steps(
         model,
-        prompt_ids,
-        plan,
-        |tokens, cache| model.forward(tokens, cache),
-        on_token,
-    )
+        &items,
+        |tokens, cache, _| Ok(host(model.forward_batch(tokens, cache, &none)?)?.logits),
+        &mut |_| on_token(),
+    )?;
+    Ok(responses.remove(0))
 }
 
 /// Generates (or replays) a response and records what `request` asks for at
@@ -98,28 +136,81 @@ pub fn capture_prompt(
     plan: ResponsePlan<'_>,
     on_token: &mut dyn FnMut(),
 ) -> candle_core::Result<PromptTrace> {
-    let mut layers: Vec<LayerTrace> = request
-        .layers
-        .iter()
-        .enumerate()
-        .filter(|(_, wants)| **wants != Default::default())
-        .map(|(layer, wants)| LayerTrace::new(layer, *wants))
-        .collect();
-    let response_ids = run_steps(
+    let items = [BatchItem { prompt_ids, plan }];
+    let mut traces = capture_batch(model, &items, request, &mut |_| on_token())?;
+    Ok(traces.remove(0))
+}
+
+/// [`capture_prompt`] for a batch: every item's prompt and response steps
+/// run in shared passes, and each item's trace equals the one it would get
+/// alone (within float tolerance: batched products sum in another order).
+/// `on_token` gets the item index of each response token.
+pub fn capture_batch(
+    model: &Gemma2,
+    items: &[BatchItem<'_>],
+    request: &CaptureRequest,
+    on_token: &mut dyn FnMut(usize),
+) -> candle_core::Result<Vec<PromptTrace>> {
+    let new_traces = || -> Vec<LayerTrace> {
+        request
+            .layers
+            .iter()
+            .enumerate()
+            .filter(|(_, wants)| **wants != Default::default())
+            .map(|(layer, wants)| LayerTrace::new(layer, *wants))
+            .collect()
+    };
+    let mut layers: Vec<Vec<LayerTrace>> = items.iter().map(|_| new_traces()).collect();
+    let responses = run_steps(
         model,
-        prompt_ids,
-        plan,
-        |tokens, cache| {
-            let (logits, records) = model.forward_with_capture(tokens, cache, request)?;
-            record_pass(&mut layers, &records)?;
-            Ok(logits)
+        items,
+        |tokens, cache, running| {
+            let out = host(model.forward_batch(tokens, cache, request)?)?;
+            for (row, &i) in running.iter().enumerate() {
+                record_pass(&mut layers[i], &out.sequence(row)?)?;
+            }
+            Ok(out.logits)
         },
         on_token,
     )?;
-    Ok(PromptTrace {
-        prompt_ids: prompt_ids.to_vec(),
-        response_ids,
-        layers,
+    Ok(items
+        .iter()
+        .zip(responses)
+        .zip(layers)
+        .map(|((item, response_ids), layers)| PromptTrace {
+            prompt_ids: item.prompt_ids.to_vec(),
+            response_ids,
+            layers,
+        })
+        .collect())
+}
+
+/// Moves a pass's logits and records to the host in f32 (a no-op on the CPU
+/// in f32). Off the CPU everything goes in one transfer: each copy from a GPU
+/// synchronises, and a residual pass records 78 tensors.
+fn host(out: BatchOutput) -> candle_core::Result<BatchOutput> {
+    if out.logits.device().is_cpu() {
+        out.map_tensors(|t| t.to_dtype(DType::F32))
+    } else {
+        gather_to_host(out)
+    }
+}
+
+/// [`host`] in one transfer: every tensor flattened into one f32 buffer on
+/// its device, copied once, and split back into views of the host copy.
+fn gather_to_host(out: BatchOutput) -> candle_core::Result<BatchOutput> {
+    let mut flat = Vec::new();
+    let out = out.map_tensors(|t| {
+        flat.push(t.to_dtype(DType::F32)?.flatten_all()?);
+        Ok(t.clone())
+    })?;
+    let all = Tensor::cat(&flat, 0)?.to_device(&Device::Cpu)?;
+    let mut offset = 0;
+    out.map_tensors(|t| {
+        let n = t.elem_count();
+        let host = all.narrow(0, offset, n)?.reshape(t.shape())?;
+        offset += n;
+        Ok(host)
     })
 }
 
@@ -128,4 +219,63 @@ fn record_pass(layers: &mut [LayerTrace], records: &[LayerRecord]) -> candle_cor
         trace.push(&records[trace.layer])?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{LayerRecord, PassLayout};
+
+    #[test]
+    fn one_gathered_transfer_equals_per_tensor_copies() {
+        let t = |shape: &[usize], seed: f32| {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = (0..n).map(|i| seed + i as f32 * 0.5).collect();
+            Tensor::from_vec(data, shape, &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+        };
+        let out = BatchOutput::for_tests(
+            t(&[2, 5], 0.0),
+            vec![
+                LayerRecord {
+                    residual_in: Some(t(&[2, 3, 4], 1.0)),
+                    attention_heads: Some(t(&[2, 2, 3, 3], 2.0)),
+                    ..LayerRecord::default()
+                },
+                LayerRecord::default(),
+                LayerRecord {
+                    gelu: Some(t(&[2, 3, 6], 3.0)),
+                    ..LayerRecord::default()
+                },
+            ],
+            PassLayout {
+                start: 0,
+                t: 3,
+                new: vec![vec![Some(0), Some(1), Some(2)]; 2],
+            },
+        );
+        let expected = out.clone().map_tensors(|t| t.to_dtype(DType::F32)).unwrap();
+        let gathered = gather_to_host(out).unwrap();
+        let values = |o: &BatchOutput| {
+            let mut all = vec![o.logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()];
+            for r in &o.records {
+                for x in [&r.residual_in, &r.attention_heads, &r.gelu]
+                    .into_iter()
+                    .flatten()
+                {
+                    assert_eq!(x.dtype(), DType::F32);
+                    all.push(x.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                }
+            }
+            all
+        };
+        assert_eq!(values(&gathered), values(&expected));
+        assert_eq!(
+            gathered.records[0].attention_heads.as_ref().unwrap().dims(),
+            &[2, 2, 3, 3]
+        );
+        assert!(gathered.records[1].residual_in.is_none());
+    }
 }

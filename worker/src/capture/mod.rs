@@ -7,8 +7,11 @@ pub mod engine;
 pub mod mode;
 pub mod trace;
 
+#[cfg(test)]
+mod batch_tests;
+
 pub use artifact::{TokenTexts, internals_artifact, residual_artifact};
 pub use decode::Sampling;
-pub use engine::{ResponsePlan, capture_prompt, generate};
+pub use engine::{BatchItem, ResponsePlan, capture_batch, capture_prompt, generate};
 pub use mode::{CaptureMode, LayerSelection};
 pub use trace::PromptTrace;

@@ -1,12 +1,15 @@
 //! Gemma-2 as transformers defines it (`Gemma2ForCausalLM`, eager attention),
-//! with a KV cache and capture hooks: [`Gemma2::forward`] generates,
-//! [`Gemma2::forward_with_capture`] generates and records the tensors a
-//! [`CaptureRequest`] asks for, from the same pass.
+//! with a KV cache and capture hooks: [`Gemma2::forward_batch`] runs one pass
+//! over a batch of sequences of any lengths (left padded, see
+//! [`super::cache`]) and records the tensors a [`CaptureRequest`] asks for,
+//! from the same pass; [`Gemma2::forward`] is the single-sequence form.
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::Embedding;
 
+use super::cache::{KvCache, PassLayout};
 use super::config::{Gemma2Config, LayerKind};
+use super::matvec;
 use super::weights::Weights;
 
 /// What one layer records during a pass.
@@ -28,9 +31,12 @@ pub struct CaptureRequest {
     pub layers: Vec<LayerWants>,
 }
 
-/// Tensors recorded from one layer during one pass over `t` new positions,
-/// batch dimension removed, still on the model's device and dtype except
-/// attention, which is f32.
+/// Tensors recorded from one layer during one pass over `t` new columns,
+/// still on the model's device and dtype except attention, which is f32.
+/// From [`Gemma2::forward_batch`] they have a leading batch dimension
+/// (`[b, t, width]`, attention `[b, t, context]` / `[b, heads, t, context]`);
+/// [`BatchOutput::sequence`] selects one sequence's rows and real key
+/// columns, without the batch dimension.
 #[derive(Debug, Clone, Default)]
 pub struct LayerRecord {
     pub residual_in: Option<Tensor>,
@@ -48,44 +54,26 @@ pub struct LayerRecord {
     pub down_proj: Option<Tensor>,
 }
 
-/// Keys and values of every layer for the positions seen so far.
-#[derive(Debug, Clone)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
-}
-
-impl KvCache {
-    pub fn new(num_layers: usize) -> Self {
-        Self {
-            layers: vec![None; num_layers],
-            len: 0,
-        }
-    }
-
-    /// Number of positions cached.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Appends `k`, `v` (`[1, kv_heads, t, head_dim]`) of `layer` and returns
-    /// the full cached keys and values.
-    fn append(
-        &mut self,
-        layer: usize,
-        k: Tensor,
-        v: Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        let (k, v) = match self.layers[layer].take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-        };
-        self.layers[layer] = Some((k.clone(), v.clone()));
-        Ok((k, v))
+impl LayerRecord {
+    /// Applies `f` to every recorded tensor, in field order.
+    pub fn map(
+        self,
+        f: &mut impl FnMut(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Self> {
+        let mut map = |x: Option<Tensor>| x.as_ref().map(&mut *f).transpose();
+        Ok(Self {
+            residual_in: map(self.residual_in)?,
+            after_attn: map(self.after_attn)?,
+            residual_out: map(self.residual_out)?,
+            attention_mean: map(self.attention_mean)?,
+            attention_heads: map(self.attention_heads)?,
+            q_proj: map(self.q_proj)?,
+            k_proj: map(self.k_proj)?,
+            v_proj: map(self.v_proj)?,
+            up_proj: map(self.up_proj)?,
+            gelu: map(self.gelu)?,
+            down_proj: map(self.down_proj)?,
+        })
     }
 }
 
@@ -125,20 +113,30 @@ impl Linear {
         })
     }
 
-    /// `xs @ W^T` for `xs` of shape `[b, t, in]`. A single position (a decode
-    /// step) is computed as `W @ x`, a matrix-vector product that streams the
-    /// row-major weights once, which is about 1.6x faster on the CPU than the
-    /// transposed form.
+    /// `xs @ W^T` for `xs` of shape `[b, t, in]`.
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, k) = xs.dims3()?;
-        if b * t == 1 {
-            let out = self.weight.matmul(&xs.reshape((k, 1))?)?;
-            out.reshape((1, 1, ()))
-        } else {
-            xs.reshape((b * t, k))?
-                .matmul(&self.weight.t()?)?
-                .reshape((b, t, ()))
-        }
+        project(&self.weight, &xs.reshape((b * t, k))?)?.reshape((b, t, ()))
+    }
+}
+
+/// Largest number of activation rows for which `W @ X^T` is used: on the CPU
+/// it beat `X @ W^T` at every size measured up to 128 rows (decode steps of a
+/// batch), see `matvec::tests::row_dot_speed`.
+const WEIGHT_LEFT_MAX_ROWS: usize = 128;
+
+/// `x @ w^T` for `x` `[n, in]` and row-major `w` `[out, in]`, returning
+/// `[n, out]`: one vector (a batch-1 decode step) through the streaming
+/// [`matvec::row_dot`] on the CPU, a few through `W @ X^T`, many (prompt
+/// passes) through `X @ W^T`.
+fn project(w: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
+    let n = x.dim(0)?;
+    if matvec::applies(x, w) {
+        matvec::row_dot(x, w)
+    } else if n <= WEIGHT_LEFT_MAX_ROWS {
+        w.matmul(&x.t()?)?.t()?.contiguous()
+    } else {
+        x.matmul(&w.t()?)
     }
 }
 
@@ -172,11 +170,23 @@ impl Rotary {
         })
     }
 
-    /// Rotates `xs` (`[1, heads, t, head_dim]`) for positions `start..start+t`.
-    fn apply(&self, xs: &Tensor, start: usize) -> candle_core::Result<Tensor> {
-        let t = xs.dim(2)?;
-        let cos = self.cos.narrow(0, start, t)?;
-        let sin = self.sin.narrow(0, start, t)?;
+    /// Rotates `xs` (`[b, heads, t, head_dim]`) for the pass's positions:
+    /// `start..start+t` when `positions` is `None`, else `positions`
+    /// (`[b * t]`, see [`KvCache::rotary_positions`]).
+    fn apply(
+        &self,
+        xs: &Tensor,
+        start: usize,
+        positions: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, _, t, _) = xs.dims4()?;
+        let (cos, sin) = match positions {
+            None => (self.cos.narrow(0, start, t)?, self.sin.narrow(0, start, t)?),
+            Some(ids) => (
+                self.cos.index_select(ids, 0)?.reshape((b, t, ()))?,
+                self.sin.index_select(ids, 0)?.reshape((b, t, ()))?,
+            ),
+        };
         candle_nn::rotary_emb::rope(&xs.contiguous()?, &cos, &sin)
     }
 }
@@ -193,31 +203,6 @@ struct Attention {
     scale: f64,
     softcap: Option<f64>,
     window: Option<usize>,
-}
-
-/// The additive mask for queries at `start..start+t` over keys `0..start+t`:
-/// a query at q sees keys k with k <= q and, on sliding layers,
-/// q - window < k.
-fn attention_mask(
-    t: usize,
-    start: usize,
-    window: Option<usize>,
-    device: &Device,
-) -> candle_core::Result<Option<Tensor>> {
-    let context = start + t;
-    let window_bites = window.is_some_and(|w| context > w);
-    if t == 1 && !window_bites {
-        return Ok(None);
-    }
-    let mut mask = Vec::with_capacity(t * context);
-    for i in 0..t {
-        let q = start + i;
-        for k in 0..context {
-            let visible = k <= q && window.is_none_or(|w| q - k < w);
-            mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
-        }
-    }
-    Ok(Some(Tensor::from_vec(mask, (t, context), device)?))
 }
 
 impl Attention {
@@ -242,25 +227,24 @@ impl Attention {
         })
     }
 
-    /// Attention over `xs` (`[1, t, hidden]`, already normalised).
+    /// Attention over `xs` (`[b, t, hidden]`, already normalised).
     fn forward(
         &self,
         xs: &Tensor,
-        rotary: &Rotary,
+        pass: &PassContext<'_>,
         cache: &mut KvCache,
         layer: usize,
         wants: LayerWants,
         record: &mut LayerRecord,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = xs.dims3()?;
-        let start = cache.len();
         let q = self.q_proj.forward(xs)?;
         let k = self.k_proj.forward(xs)?;
         let v = self.v_proj.forward(xs)?;
         if wants.projections {
-            record.q_proj = Some(q.squeeze(0)?);
-            record.k_proj = Some(k.squeeze(0)?);
-            record.v_proj = Some(v.squeeze(0)?);
+            record.q_proj = Some(q.clone());
+            record.k_proj = Some(k.clone());
+            record.v_proj = Some(v.clone());
         }
         let q = q
             .reshape((b, t, self.heads, self.head_dim))?
@@ -272,8 +256,12 @@ impl Attention {
             .reshape((b, t, self.kv_heads, self.head_dim))?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = rotary.apply(&q, start)?;
-        let k = rotary.apply(&k, start)?;
+        let q = pass
+            .rotary
+            .apply(&q, pass.layout.start, pass.positions.as_ref())?;
+        let k = pass
+            .rotary
+            .apply(&k, pass.layout.start, pass.positions.as_ref())?;
         let (k, v) = cache.append(layer, k, v)?;
         let context = k.dim(2)?;
 
@@ -289,16 +277,20 @@ impl Attention {
             Some(cap) => ((scores / cap)?.tanh()? * cap)?,
             None => scores,
         };
-        let scores = match attention_mask(t, start, self.window, scores.device())? {
-            Some(mask) => scores.broadcast_add(&mask)?,
+        let mask = match self.window {
+            Some(_) => pass.sliding_mask.as_ref(),
+            None => pass.full_mask.as_ref(),
+        };
+        let scores = match mask {
+            Some(mask) => scores.broadcast_add(mask)?,
             None => scores,
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         if wants.attention_heads {
-            record.attention_heads = Some(probs.squeeze(0)?);
+            record.attention_heads = Some(probs.clone());
         }
         if wants.attention_mean {
-            record.attention_mean = Some(probs.mean(1)?.squeeze(0)?);
+            record.attention_mean = Some(probs.mean(1)?);
         }
         let probs = probs
             .to_dtype(v.dtype())?
@@ -339,9 +331,9 @@ impl Mlp {
         let up = self.up_proj.forward(xs)?;
         let down = self.down_proj.forward(&(&gelu * &up)?)?;
         if wants.projections {
-            record.up_proj = Some(up.squeeze(0)?);
-            record.gelu = Some(gelu.squeeze(0)?);
-            record.down_proj = Some(down.squeeze(0)?);
+            record.up_proj = Some(up);
+            record.gelu = Some(gelu);
+            record.down_proj = Some(down.clone());
         }
         Ok(down)
     }
@@ -381,7 +373,7 @@ impl DecoderLayer {
     fn forward(
         &self,
         xs: Tensor,
-        rotary: &Rotary,
+        pass: &PassContext<'_>,
         cache: &mut KvCache,
         layer: usize,
         wants: LayerWants,
@@ -391,12 +383,12 @@ impl DecoderLayer {
         let xs = self.input_layernorm.forward(&residual)?;
         let xs = self
             .self_attn
-            .forward(&xs, rotary, cache, layer, wants, record)?;
+            .forward(&xs, pass, cache, layer, wants, record)?;
         let xs = self.post_attention_layernorm.forward(&xs)?;
         let xs = (xs + &residual)?;
         if wants.residual {
-            record.residual_in = Some(residual.squeeze(0)?);
-            record.after_attn = Some(xs.squeeze(0)?);
+            record.residual_in = Some(residual.clone());
+            record.after_attn = Some(xs.clone());
         }
         let residual = xs;
         let xs = self.pre_feedforward_layernorm.forward(&residual)?;
@@ -404,7 +396,7 @@ impl DecoderLayer {
         let xs = self.post_feedforward_layernorm.forward(&xs)?;
         let xs = (xs + residual)?;
         if wants.residual {
-            record.residual_out = Some(xs.squeeze(0)?);
+            record.residual_out = Some(xs.clone());
         }
         Ok(xs)
     }
@@ -462,48 +454,52 @@ impl Gemma2 {
         self.dtype
     }
 
-    /// A fresh, empty cache for this model.
-    pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.layers.len())
+    /// A fresh, empty cache for `batch` sequences.
+    pub fn new_cache(&self, batch: usize) -> KvCache {
+        KvCache::new(self.layers.len(), batch)
     }
 
-    /// Runs `tokens` (appended after the cached positions) and returns the
-    /// soft-capped f32 logits of the last position, `[vocab]`.
+    /// Runs `tokens` (appended after the cached positions of a one-sequence
+    /// cache) and returns the soft-capped f32 logits of the last position,
+    /// `[vocab]`.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
         let none = CaptureRequest::default();
-        self.run(tokens, cache, &none).map(|(logits, _)| logits)
+        self.forward_batch(&[tokens], cache, &none)?.logits.i(0)
     }
 
-    /// [`Gemma2::forward`] that also returns the tensors `request` asks for,
-    /// one [`LayerRecord`] per layer (empty for layers asked nothing).
-    pub fn forward_with_capture(
+    /// One pass over a batch: appends `tokens[i]` to sequence `i` of `cache`
+    /// (any lengths, at least one token each) and returns each sequence's
+    /// last-position logits and the tensors `request` asks for.
+    pub fn forward_batch(
         &self,
-        tokens: &[u32],
+        tokens: &[&[u32]],
         cache: &mut KvCache,
         request: &CaptureRequest,
-    ) -> candle_core::Result<(Tensor, Vec<LayerRecord>)> {
-        self.run(tokens, cache, request)
-    }
-
-    fn run(
-        &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        request: &CaptureRequest,
-    ) -> candle_core::Result<(Tensor, Vec<LayerRecord>)> {
-        let t = tokens.len();
-        let start = cache.len();
-        if t == 0 {
-            candle_core::bail!("forward pass over zero tokens");
-        }
-        if start + t > self.cfg.max_position_embeddings {
+    ) -> candle_core::Result<BatchOutput> {
+        let lens: Vec<usize> = tokens.iter().map(|t| t.len()).collect();
+        let layout = cache.layout(&lens)?;
+        let (b, t) = (tokens.len(), layout.t);
+        if let Some(longest) = (0..b).map(|i| cache.positions(i) + lens[i]).max()
+            && longest > self.cfg.max_position_embeddings
+        {
             candle_core::bail!(
-                "context of {} tokens exceeds the model's {} positions",
-                start + t,
+                "context of {longest} tokens exceeds the model's {} positions",
                 self.cfg.max_position_embeddings
             );
         }
-        let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+        // Left padding with token 0 (its rows are never seen, see `cache`).
+        let ids: Vec<u32> = tokens
+            .iter()
+            .flat_map(|seq| std::iter::repeat_n(0, t - seq.len()).chain(seq.iter().copied()))
+            .collect();
+        let ids = Tensor::from_vec(ids, (b, t), &self.device)?;
+        let pass = PassContext {
+            rotary: &self.rotary,
+            positions: cache.rotary_positions(&layout, &self.device)?,
+            full_mask: cache.mask(&layout, None, &self.device)?,
+            sliding_mask: cache.mask(&layout, Some(self.cfg.sliding_window), &self.device)?,
+            layout: &layout,
+        };
         let xs = self.embed_tokens.forward(&ids)?;
         let normalizer = Tensor::new(&[(self.cfg.hidden_size as f32).sqrt()], &self.device)?
             .to_dtype(self.dtype)?;
@@ -512,58 +508,144 @@ impl Gemma2 {
         for (i, layer) in self.layers.iter().enumerate() {
             let wants = request.layers.get(i).copied().unwrap_or_default();
             let mut record = LayerRecord::default();
-            xs = layer.forward(xs, &self.rotary, cache, i, wants, &mut record)?;
+            xs = layer.forward(xs, &pass, cache, i, wants, &mut record)?;
             records.push(record);
         }
-        cache.len = start + t;
-        let last = xs.narrow(1, t - 1, 1)?;
-        let last = self.norm.forward(&last)?.squeeze(0)?;
-        // Tied head as a matrix-vector product (see Linear::forward).
-        let logits = self
-            .embedding_weight
-            .matmul(&last.t()?)?
-            .t()?
-            .to_dtype(DType::F32)?;
+        drop(pass);
+        // Left padding puts every sequence's last token in the last column.
+        let last = xs.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?;
+        let last = self.norm.forward(&last)?;
+        let logits = project(&self.embedding_weight, &last)?.to_dtype(DType::F32)?;
         let logits = match self.cfg.final_logit_softcapping {
             Some(cap) => ((logits / cap)?.tanh()? * cap)?,
             None => logits,
         };
-        Ok((logits.squeeze(0)?, records))
+        cache.commit(layout.clone());
+        let real_columns = (0..b).map(|i| cache.real_columns(i)).collect();
+        Ok(BatchOutput {
+            logits,
+            records,
+            layout,
+            real_columns,
+        })
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// What one pass shares across layers: positions and masks, built once.
+struct PassContext<'a> {
+    rotary: &'a Rotary,
+    layout: &'a PassLayout,
+    positions: Option<Tensor>,
+    full_mask: Option<Tensor>,
+    sliding_mask: Option<Tensor>,
+}
 
-    fn visible(t: usize, start: usize, window: Option<usize>) -> Vec<Vec<bool>> {
-        match attention_mask(t, start, window, &Device::Cpu).unwrap() {
-            None => vec![vec![true; start + t]; t],
-            Some(m) => m
-                .to_vec2::<f32>()
-                .unwrap()
-                .into_iter()
-                .map(|row| row.into_iter().map(|x| x == 0.0).collect())
-                .collect(),
+/// The result of [`Gemma2::forward_batch`].
+#[derive(Debug, Clone)]
+pub struct BatchOutput {
+    /// Soft-capped f32 logits of each sequence's last token, `[b, vocab]`.
+    pub logits: Tensor,
+    /// One record per layer, with the batch dimension.
+    pub records: Vec<LayerRecord>,
+    pub layout: PassLayout,
+    /// Per sequence, the cache columns (after the pass) holding real tokens.
+    real_columns: Vec<Vec<u32>>,
+}
+
+impl BatchOutput {
+    /// An output built by hand (tests of code that consumes outputs).
+    #[cfg(test)]
+    pub(crate) fn for_tests(logits: Tensor, records: Vec<LayerRecord>, layout: PassLayout) -> Self {
+        let real_columns = layout
+            .new
+            .iter()
+            .map(|cols| {
+                (0..cols.len() as u32)
+                    .filter(|&c| cols[c as usize].is_some())
+                    .collect()
+            })
+            .collect();
+        Self {
+            logits,
+            records,
+            layout,
+            real_columns,
         }
     }
 
-    #[test]
-    fn sliding_window_follows_transformers_rule() {
-        // window 3: a query at q sees q-2, q-1, q
-        let rows = visible(6, 0, Some(3));
-        assert_eq!(rows[5], vec![false, false, false, true, true, true]);
-        assert_eq!(rows[1], vec![true, true, false, false, false, false]);
-        // cached decode step at position 6 sees 4, 5, 6
-        let rows = visible(1, 6, Some(3));
-        assert_eq!(rows[0], vec![false, false, false, false, true, true, true]);
+    /// Applies `f` to the logits, then to every recorded tensor in layer
+    /// order (e.g. to move them to the host).
+    pub fn map_tensors(
+        self,
+        mut f: impl FnMut(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Self> {
+        let logits = f(&self.logits)?;
+        let records = self
+            .records
+            .into_iter()
+            .map(|r| r.map(&mut f))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            logits,
+            records,
+            layout: self.layout,
+            real_columns: self.real_columns,
+        })
     }
 
-    #[test]
-    fn full_attention_is_causal() {
-        let rows = visible(3, 2, None);
-        assert_eq!(rows[0], vec![true, true, true, false, false]);
-        assert_eq!(rows[2], vec![true; 5]);
-        assert_eq!(visible(1, 9, None), vec![vec![true; 10]]);
+    /// Sequence `i`'s records of every layer: its own rows of the pass
+    /// (padding dropped) and, for attention, only its real key columns, so
+    /// they equal what the sequence alone would record.
+    pub fn sequence(&self, i: usize) -> candle_core::Result<Vec<LayerRecord>> {
+        let rows = self.layout.rows(i);
+        let columns = &self.real_columns[i];
+        let contiguous = columns.first().is_some_and(|&c| {
+            columns
+                .iter()
+                .enumerate()
+                .all(|(j, &x)| x as usize == c as usize + j)
+        });
+        let key_index = if contiguous {
+            None
+        } else {
+            let device = self.logits.device();
+            Some(Tensor::new(columns.as_slice(), device)?)
+        };
+        let first_key = columns.first().copied().unwrap_or(0) as usize;
+        let select_rows = |x: &Option<Tensor>| -> candle_core::Result<Option<Tensor>> {
+            x.as_ref()
+                .map(|x| x.i(i)?.narrow(0, rows.start, rows.len()))
+                .transpose()
+        };
+        // Attention rows and real key columns; the last axis is keys.
+        let select_attention = |x: &Option<Tensor>| -> candle_core::Result<Option<Tensor>> {
+            let Some(x) = x else { return Ok(None) };
+            let x = x.i(i)?;
+            let query_axis = x.rank() - 2;
+            let x = x.narrow(query_axis, rows.start, rows.len())?;
+            let x = match &key_index {
+                None => x.narrow(query_axis + 1, first_key, columns.len())?,
+                Some(index) => x.contiguous()?.index_select(index, query_axis + 1)?,
+            };
+            Ok(Some(x))
+        };
+        self.records
+            .iter()
+            .map(|r| {
+                Ok(LayerRecord {
+                    residual_in: select_rows(&r.residual_in)?,
+                    after_attn: select_rows(&r.after_attn)?,
+                    residual_out: select_rows(&r.residual_out)?,
+                    attention_mean: select_attention(&r.attention_mean)?,
+                    attention_heads: select_attention(&r.attention_heads)?,
+                    q_proj: select_rows(&r.q_proj)?,
+                    k_proj: select_rows(&r.k_proj)?,
+                    v_proj: select_rows(&r.v_proj)?,
+                    up_proj: select_rows(&r.up_proj)?,
+                    gelu: select_rows(&r.gelu)?,
+                    down_proj: select_rows(&r.down_proj)?,
+                })
+            })
+            .collect()
     }
 }

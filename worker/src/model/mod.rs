@@ -1,9 +1,12 @@
 //! The hooked Gemma-2 model: configuration, weights and the forward pass.
 
+pub mod cache;
 pub mod config;
 pub mod gemma2;
+pub mod matvec;
 pub mod weights;
 
+pub use cache::{KvCache, PassLayout};
 pub use config::{Gemma2Config, LayerKind};
-pub use gemma2::{CaptureRequest, Gemma2, KvCache, LayerRecord, LayerWants};
+pub use gemma2::{BatchOutput, CaptureRequest, Gemma2, LayerRecord, LayerWants};
 pub use weights::Weights;

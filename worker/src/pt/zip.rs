@@ -210,7 +210,7 @@ impl ZipEntry {
     }
 
     /// The entry's data within the whole archive `file`, CRC-checked.
-    pub(super) fn data<'a>(&self, file: &'a [u8]) -> Result<&'a [u8], PtError> {
+    pub(crate) fn data<'a>(&self, file: &'a [u8]) -> Result<&'a [u8], PtError> {
         let out_of_bounds = || {
             PtError::Zip(format!(
                 "entry {} extends past the end of the file",

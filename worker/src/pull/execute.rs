@@ -1,8 +1,10 @@
-//! Running one job's capture: prompts are captured one by one on a
-//! blocking thread with the loaded model, and each artifact is encoded and
-//! handed through a small bounded queue to an upload task that stages it
-//! under the attempt's prefix, so uploads overlap with the next prompt's
-//! compute. A shared stop flag ends both at the next prompt or artifact.
+//! Running one job's capture: prompts are captured in batches (one forward
+//! pass per step for the whole batch) on a blocking thread with the loaded
+//! model, and each artifact is handed through a bounded queue (one batch's
+//! worth) to an upload task that encodes it on a blocking thread and stages
+//! it under the attempt's prefix, hashing as it sends, so encoding and
+//! uploads overlap with the next batch's compute. A shared stop flag ends
+//! both at the next batch or artifact.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,13 +19,20 @@ use super::convert::JobPlan;
 use super::error::JobError;
 use super::heartbeat::Progress;
 use super::replay::StoreReplay;
+use crate::capture::CaptureMode;
 use crate::manifest::ArtifactEntry;
 use crate::metrics::WorkerMetrics;
-use crate::run::{ReplaySource, capture_prepared, prepare_prompts};
+use crate::run::{
+    PromptArtifact, ReplaySource, capture_prepared_batch, longest_context, prepare_prompts,
+};
 use crate::store::RunStore;
 
-/// Encoded artifacts waiting for upload, at most (each may be large).
+/// Artifacts waiting for upload, at least; the queue holds one batch.
 const UPLOAD_QUEUE: usize = 2;
+
+/// The most prompts whose artifacts may wait for upload: a job's prompts up
+/// to the largest automatic batch.
+const MAX_BATCH_HINT: usize = crate::run::AUTO_MAX;
 
 /// What a job's capture produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,15 +59,21 @@ pub(crate) struct JobRun {
     pub(crate) metrics: WorkerMetrics,
 }
 
-/// An encoded artifact; its entry's size and sha256 are filled in from the upload.
+/// A captured artifact, encoded by the upload task; its entry's size and
+/// sha256 are filled in from the upload.
 struct PendingUpload {
     entry: ArtifactEntry,
-    payload: Bytes,
+    artifact: PromptArtifact,
 }
 
 /// Captures and stages every prompt of the job (until the stop flag is set).
 pub(crate) async fn execute(job: JobRun) -> Result<Execution, JobError> {
-    let (queue, pending) = mpsc::channel(UPLOAD_QUEUE);
+    let per_prompt = match &job.plan.settings.mode {
+        CaptureMode::Residual => 1,
+        CaptureMode::Internals { layers } => layers.len(),
+    };
+    let capacity = (job.plan.prompts.len().min(MAX_BATCH_HINT) * per_prompt).max(UPLOAD_QUEUE);
+    let (queue, pending) = mpsc::channel(capacity);
     let uploads = tokio::spawn(upload_all(
         job.run.clone(),
         job.fence,
@@ -105,7 +120,19 @@ fn capture_all(job: &JobRun, queue: &mpsc::Sender<PendingUpload>) -> Result<Capt
         &job.plan.prompts,
         job.replay.as_ref().map(|r| r as &dyn ReplaySource),
     )?;
-    for item in &prepared {
+    let model = &job.engine.model;
+    let batch_size = job
+        .engine
+        .batch_size
+        .resolve(
+            &meta.config,
+            &settings.mode,
+            longest_context(&prepared, settings),
+            model.dtype(),
+            model.device(),
+        )
+        .min(prepared.len().max(1));
+    for batch in prepared.chunks(batch_size) {
         if stopped() {
             return Ok(Captured {
                 compute: compute + timer.elapsed(),
@@ -113,33 +140,34 @@ fn capture_all(job: &JobRun, queue: &mpsc::Sender<PendingUpload>) -> Result<Capt
                 stopped: true,
             });
         }
-        let mut on_token = || {
+        let mut on_token = |_| {
             job.progress.tokens.fetch_add(1, Ordering::Relaxed);
             job.metrics.tokens_captured(1);
         };
-        let captured = capture_prepared(meta, &job.engine.model, settings, item, &mut on_token)?;
-        job.progress
-            .tokens
-            .fetch_add(captured.prompt_tokens as u64, Ordering::Relaxed);
-        job.metrics.tokens_captured(captured.prompt_tokens as u64);
-        for artifact in &captured.artifacts {
-            let payload = Bytes::from(artifact.encode()?);
-            // Size and sha256 come from the upload, which hashes as it sends.
-            let entry = captured.entry(artifact, payload.len() as u64, String::new());
-            compute += timer.elapsed();
-            let sent = queue.blocking_send(PendingUpload { entry, payload });
-            timer = Instant::now();
-            if sent.is_err() {
-                // The upload task stopped: its error is the job's.
-                return Ok(Captured {
-                    compute,
-                    queued,
-                    stopped: true,
-                });
+        let captured = capture_prepared_batch(meta, model, settings, batch, &mut on_token)?;
+        for prompt in captured {
+            job.progress
+                .tokens
+                .fetch_add(prompt.prompt_tokens as u64, Ordering::Relaxed);
+            job.metrics.tokens_captured(prompt.prompt_tokens as u64);
+            for artifact in prompt.artifacts.iter().cloned() {
+                // Size and sha256 come from the upload, which hashes as it sends.
+                let entry = prompt.entry(&artifact, 0, String::new());
+                compute += timer.elapsed();
+                let sent = queue.blocking_send(PendingUpload { entry, artifact });
+                timer = Instant::now();
+                if sent.is_err() {
+                    // The upload task stopped: its error is the job's.
+                    return Ok(Captured {
+                        compute,
+                        queued,
+                        stopped: true,
+                    });
+                }
+                queued += 1;
             }
-            queued += 1;
+            job.progress.prompts_done.fetch_add(1, Ordering::Relaxed);
         }
-        job.progress.prompts_done.fetch_add(1, Ordering::Relaxed);
     }
     Ok(Captured {
         compute: compute + timer.elapsed(),
@@ -162,11 +190,19 @@ async fn upload_all(
     let attempt = fence.attempt.get();
     let mut staged = Vec::new();
     let mut spent = Duration::ZERO;
-    while let Some(PendingUpload { mut entry, payload }) = pending.recv().await {
+    while let Some(PendingUpload {
+        mut entry,
+        artifact,
+    }) = pending.recv().await
+    {
         if stop.load(Ordering::Relaxed) {
             break;
         }
         let started = Instant::now();
+        let payload = tokio::task::spawn_blocking(move || artifact.encode())
+            .await
+            .map_err(|e| JobError::Internal(format!("the encoding task failed: {e}")))??;
+        let payload = Bytes::from(payload);
         let object = match run.stage_put(&job_id, attempt, &entry.key, payload).await {
             Ok(object) => object,
             Err(error) => {

@@ -23,6 +23,7 @@ mod rpc;
 #[cfg(test)]
 mod tests;
 
+use crate::run::BatchSize;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,6 +74,9 @@ pub struct PullOptions {
     pub device: DeviceArg,
     /// Compute dtype; default: f32 on the CPU, bf16 on GPUs.
     pub compute_dtype: Option<DType>,
+    /// Prompts per forward pass; `auto` is resolved per job from its
+    /// longest prompt and the free memory.
+    pub batch_size: BatchSize,
     /// A UUID; default: a fresh UUIDv7.
     pub worker_id: Option<String>,
     /// On shutdown: how long the current job may still run before it is
@@ -127,6 +131,7 @@ pub enum PullError {
 pub(crate) struct Engine {
     pub(crate) meta: ModelMeta,
     pub(crate) model: Gemma2,
+    pub(crate) batch_size: BatchSize,
 }
 
 /// What every job of this worker shares.
@@ -208,6 +213,7 @@ async fn start(options: &PullOptions) -> Result<Worker, PullError> {
 
     let source = options.model.clone();
     let device = options.device;
+    let batch_size = options.batch_size;
     let dtype = options
         .compute_dtype
         .unwrap_or_else(|| device.default_dtype());
@@ -215,7 +221,11 @@ async fn start(options: &PullOptions) -> Result<Worker, PullError> {
     let engine = tokio::task::spawn_blocking(move || -> Result<Engine, CaptureError> {
         let meta = ModelMeta::load(&source)?;
         let model = meta.load_model(&device.open()?, dtype)?;
-        Ok(Engine { meta, model })
+        Ok(Engine {
+            meta,
+            model,
+            batch_size,
+        })
     })
     .await
     .map_err(|e| PullError::Internal(format!("model loading task failed: {e}")))?

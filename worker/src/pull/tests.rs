@@ -30,7 +30,7 @@ use crate::loader::DeviceArg;
 use crate::metrics::{Registry, WorkerMetrics, encode_text};
 use crate::model_files::ModelSource;
 use crate::pt::StoreDtype;
-use crate::run::{CaptureOptions, PromptSource, run_capture};
+use crate::run::{BatchSize, CaptureOptions, PromptSource, run_capture};
 use crate::store::{ArtifactStore, RunStore, StoreOptions};
 
 const MODEL_ID: &str = "tests/tiny-gemma2";
@@ -269,6 +269,7 @@ impl Fixture {
             model_id: Some(MODEL_ID.into()),
             device: DeviceArg::Cpu,
             compute_dtype: None,
+            batch_size: BatchSize::Fixed(2),
             worker_id: None,
             drain_timeout: Duration::from_secs(60),
             max_jobs: None,
@@ -369,6 +370,8 @@ fn capture_with_the_cli(out: &Path) {
         chat_template: false,
         device: DeviceArg::Cpu,
         compute_dtype: None,
+        // the worker's batch size: the same batches give the same bytes
+        batch_size: BatchSize::Fixed(2),
         out: out.to_path_buf(),
         progress: false,
     })
@@ -480,7 +483,8 @@ async fn a_replay_job_reads_the_earlier_run_from_the_store() {
         source: Some(replay_source::Source::RootUrl(format!("{root}/"))),
     });
     fixture.queue(replay);
-    let mut relative = job(&fixture.store, &RunId::new().to_wire(), &PROMPTS[..1], 0);
+    // The same prompts, so the same batch: equal batches give equal bits.
+    let mut relative = job(&fixture.store, &RunId::new().to_wire(), &PROMPTS, 0);
     relative.decoding.as_mut().unwrap().replay = Some(ReplaySource {
         source: Some(replay_source::Source::RootUrl(format!(
             "{EXPERIMENT}/{first_run}"

@@ -8,8 +8,8 @@ use std::path::Path;
 use super::replay::{ReplaySource, replay_ids};
 use super::{CHAT_TEMPLATE, internals_key, residual_key};
 use crate::capture::{
-    CaptureMode, ResponsePlan, Sampling, TokenTexts, capture_prompt, internals_artifact,
-    residual_artifact,
+    BatchItem, CaptureMode, PromptTrace, ResponsePlan, Sampling, TokenTexts, capture_batch,
+    internals_artifact, residual_artifact,
 };
 use crate::error::{CaptureError, Result};
 use crate::loader::ModelMeta;
@@ -136,6 +136,17 @@ pub fn prepare_prompts(
         .collect()
 }
 
+/// The most positions any pass of these prompts holds: the prompt and its
+/// response (the last response token is never fed back, but counting it
+/// keeps the estimate on the safe side).
+pub fn longest_context(prepared: &[PreparedPrompt], settings: &CaptureSettings) -> usize {
+    prepared
+        .iter()
+        .map(|p| p.ids.len() + p.replay.as_ref().map_or(settings.max_new_tokens, Vec::len))
+        .max()
+        .unwrap_or(1)
+}
+
 /// Captures one prepared prompt with a loaded model and builds its
 /// artifacts; `on_token` runs after every response token.
 pub fn capture_prepared(
@@ -145,18 +156,62 @@ pub fn capture_prepared(
     item: &PreparedPrompt,
     on_token: &mut dyn FnMut(),
 ) -> Result<CapturedPrompt> {
-    let prompt_key = format!("{}/{}", item.set, item.prompt.id);
-    let plan = match &item.replay {
-        Some(ids) => ResponsePlan::Replay(ids),
-        None => ResponsePlan::Generate {
-            sampling: &settings.sampling,
-            max_new_tokens: settings.max_new_tokens,
-            eos_ids: &meta.eos_ids,
-            prompt_key: &prompt_key,
-        },
-    };
+    let mut captured = capture_prepared_batch(
+        meta,
+        model,
+        settings,
+        std::slice::from_ref(item),
+        &mut |_| on_token(),
+    )?;
+    Ok(captured.remove(0))
+}
+
+/// Captures prepared prompts in one batch (shared forward passes, see
+/// [`capture_batch`]) and builds each one's artifacts, in the order given;
+/// `on_token` gets the index of the prompt of every response token.
+pub fn capture_prepared_batch(
+    meta: &ModelMeta,
+    model: &Gemma2,
+    settings: &CaptureSettings,
+    items: &[PreparedPrompt],
+    on_token: &mut dyn FnMut(usize),
+) -> Result<Vec<CapturedPrompt>> {
+    let keys: Vec<String> = items
+        .iter()
+        .map(|item| format!("{}/{}", item.set, item.prompt.id))
+        .collect();
+    let batch: Vec<BatchItem<'_>> = items
+        .iter()
+        .zip(&keys)
+        .map(|(item, prompt_key)| BatchItem {
+            prompt_ids: &item.ids,
+            plan: match &item.replay {
+                Some(ids) => ResponsePlan::Replay(ids),
+                None => ResponsePlan::Generate {
+                    sampling: &settings.sampling,
+                    max_new_tokens: settings.max_new_tokens,
+                    eos_ids: &meta.eos_ids,
+                    prompt_key,
+                },
+            },
+        })
+        .collect();
     let request = settings.mode.request(meta.config.num_hidden_layers);
-    let trace = capture_prompt(model, &item.ids, &request, plan, on_token)?;
+    let traces = capture_batch(model, &batch, &request, on_token)?;
+    items
+        .iter()
+        .zip(traces)
+        .map(|(item, trace)| captured_prompt(meta, settings, item, &trace))
+        .collect()
+}
+
+/// The artifacts of one prompt's trace.
+fn captured_prompt(
+    meta: &ModelMeta,
+    settings: &CaptureSettings,
+    item: &PreparedPrompt,
+    trace: &PromptTrace,
+) -> Result<CapturedPrompt> {
     let prompt_texts = TokenTexts {
         text: item.prompt.text.clone(),
         tokens: meta.tokenizer.token_strings(&trace.prompt_ids)?,
@@ -172,7 +227,7 @@ pub fn capture_prepared(
         CaptureMode::Residual => vec![PromptArtifact {
             key: residual_key(&item.set, &item.prompt.id),
             layer: None,
-            value: residual_artifact(&trace, &prompt_texts, &response_texts, store),
+            value: residual_artifact(trace, &prompt_texts, &response_texts, store),
         }],
         CaptureMode::Internals { layers } => layers
             .iter()
@@ -181,7 +236,7 @@ pub fn capture_prepared(
                 PromptArtifact {
                     key: internals_key(&item.set, &item.prompt.id, l),
                     layer: Some(l),
-                    value: internals_artifact(&trace, layer, &prompt_texts, &response_texts, store),
+                    value: internals_artifact(trace, layer, &prompt_texts, &response_texts, store),
                 }
             })
             .collect(),

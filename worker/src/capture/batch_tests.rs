@@ -1,0 +1,165 @@
+//! Batched capture equals one-at-a-time capture: prompts of different lengths
+//! (padding, a prompt longer than the sliding window), sequences finishing
+//! at different steps (an end token, short and long replays, sampling).
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+
+use super::decode::Sampling;
+use super::engine::{BatchItem, ResponsePlan, capture_batch, capture_prompt};
+use super::trace::{PromptTrace, Rows};
+use crate::loader::ModelMeta;
+use crate::model::{CaptureRequest, Gemma2, LayerWants};
+use crate::model_files::ModelSource;
+
+fn tiny() -> (ModelMeta, Gemma2) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-gemma2");
+    let meta = ModelMeta::load(&ModelSource::new(dir.to_str().unwrap())).unwrap();
+    let model = meta.load_model(&Device::Cpu, DType::F32).unwrap();
+    (meta, model)
+}
+
+fn everything(layers: usize) -> CaptureRequest {
+    let all = LayerWants {
+        residual: true,
+        attention_mean: false,
+        attention_heads: true,
+        projections: true,
+    };
+    let mean = LayerWants {
+        attention_mean: true,
+        attention_heads: false,
+        ..all
+    };
+    CaptureRequest {
+        layers: (0..layers)
+            .map(|l| if l % 2 == 0 { all } else { mean })
+            .collect(),
+    }
+}
+
+fn assert_rows_close(what: &str, a: &Rows, b: &Rows) {
+    assert_eq!(a.width, b.width, "{what}: width");
+    assert_eq!(a.data.len(), b.data.len(), "{what}: positions");
+    let worst = a
+        .data
+        .iter()
+        .zip(&b.data)
+        .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-4, "{what}: relative difference {worst}");
+}
+
+fn assert_traces_close(name: &str, batched: &PromptTrace, alone: &PromptTrace) {
+    assert_eq!(batched.prompt_ids, alone.prompt_ids, "{name}");
+    assert_eq!(batched.response_ids, alone.response_ids, "{name}: response");
+    assert_eq!(batched.layers.len(), alone.layers.len());
+    for (b, a) in batched.layers.iter().zip(&alone.layers) {
+        let what = |kind: &str| format!("{name} layer {} {kind}", a.layer);
+        for (kind, x, y) in [
+            ("residual_in", &b.residual_in, &a.residual_in),
+            ("after_attn", &b.after_attn, &a.after_attn),
+            ("residual_out", &b.residual_out, &a.residual_out),
+            ("q_proj", &b.q_proj, &a.q_proj),
+            ("k_proj", &b.k_proj, &a.k_proj),
+            ("v_proj", &b.v_proj, &a.v_proj),
+            ("up_proj", &b.up_proj, &a.up_proj),
+            ("gelu", &b.gelu, &a.gelu),
+            ("down_proj", &b.down_proj, &a.down_proj),
+        ] {
+            assert_rows_close(&what(kind), x, y);
+        }
+        assert_eq!(b.attention.heads, a.attention.heads);
+        for (h, (rb, ra)) in b.attention.rows.iter().zip(&a.attention.rows).enumerate() {
+            assert_eq!(rb.len(), ra.len(), "{}", what("attention rows"));
+            for (p, (x, y)) in rb.iter().zip(ra).enumerate() {
+                let rows = |v: &Vec<f32>| Rows {
+                    width: v.len(),
+                    data: v.clone(),
+                };
+                assert_rows_close(
+                    &what(&format!("attention head {h} row {p}")),
+                    &rows(x),
+                    &rows(y),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn batched_capture_equals_one_at_a_time() {
+    let (meta, model) = tiny();
+    let encode = |text: &str| meta.tokenizer.encode_prompt(text).unwrap();
+    let short = encode("Hi");
+    let medium = encode("Is it safe to eat raw cookie dough?");
+    let long = encode(
+        "Write a long and careful answer about the history of bridges, tunnels and the people who built them.",
+    );
+    assert!(
+        long.len() > model.config().sliding_window,
+        "exercise the window"
+    );
+    let greedy = Sampling::Greedy;
+    let sampled = Sampling::Temperature {
+        temperature: 0.8,
+        top_p: Some(0.9),
+        seed: 11,
+    };
+    let generate = |sampling, max_new_tokens, eos_ids, prompt_key| ResponsePlan::Generate {
+        sampling,
+        max_new_tokens,
+        eos_ids,
+        prompt_key,
+    };
+    let request = everything(model.config().num_hidden_layers);
+    // An end token the greedy medium prompt produces at its third step, so it
+    // leaves the batch early.
+    let free = capture_prompt(
+        &model,
+        &medium,
+        &request,
+        generate(&greedy, 9, &[], "t/2"),
+        &mut || {},
+    )
+    .unwrap();
+    let eos = [free.response_ids[2]];
+    let replay_short = [7u32, 8];
+    let replay_long = [3u32, 30, 300, 12, 44, 9, 1000];
+    let items = [
+        BatchItem {
+            prompt_ids: &long,
+            plan: generate(&greedy, 6, &[], "t/1"),
+        },
+        BatchItem {
+            prompt_ids: &medium,
+            plan: generate(&greedy, 9, &eos, "t/2"),
+        },
+        BatchItem {
+            prompt_ids: &short,
+            plan: ResponsePlan::Replay(&replay_short),
+        },
+        BatchItem {
+            prompt_ids: &medium,
+            plan: generate(&sampled, 5, &[], "t/4"),
+        },
+        BatchItem {
+            prompt_ids: &short,
+            plan: ResponsePlan::Replay(&replay_long),
+        },
+    ];
+    let mut tokens_of = vec![0usize; items.len()];
+    let batched = capture_batch(&model, &items, &request, &mut |i| tokens_of[i] += 1).unwrap();
+    assert!(batched[1].response_ids.len() <= 3, "ended by its end token");
+    for (i, item) in items.iter().enumerate() {
+        let alone =
+            capture_prompt(&model, item.prompt_ids, &request, item.plan, &mut || {}).unwrap();
+        assert_eq!(
+            tokens_of[i],
+            alone.response_ids.len(),
+            "item {i}: token callbacks"
+        );
+        assert_traces_close(&format!("item {i}"), &batched[i], &alone);
+    }
+}
