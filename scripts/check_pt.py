@@ -12,7 +12,7 @@ A description is JSON: tensors are {"tensor": {"dtype", "shape", "values"}}
 (values flattened row-major, floats exact), dicts {"dict": [[key, value], ...]}
 in insertion order, {"list": [...]}, {"tuple": [...]}, {"str": s}, {"int": i},
 {"float": x}, {"bool": b}, and null for None. The Rust tests in
-worker/src/pt/tests.rs produce the same descriptions.
+format/src/pt/tests/ produce the same descriptions.
 
 `verify` loads with weights_only=True, with mmap=True, with
 map_location="meta" and with torch's offset calculation

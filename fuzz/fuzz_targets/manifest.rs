@@ -1,6 +1,6 @@
-//! Fuzzes `capture_worker::fuzzing::check_manifest` (its docs say what it checks).
+//! Fuzzes `capture_format::fuzzing::check_manifest` (its docs say what it checks).
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    capture_worker::fuzzing::check_manifest(data);
+    capture_format::fuzzing::check_manifest(data);
 });

@@ -11,6 +11,8 @@ pub enum CaptureError {
     #[error(transparent)]
     Prompt(#[from] crate::prompts::PromptError),
     #[error(transparent)]
+    Manifest(#[from] crate::manifest::ManifestError),
+    #[error(transparent)]
     ModelFiles(#[from] crate::model_files::ModelFilesError),
     #[error("{0}")]
     InvalidArgument(String),

@@ -6,17 +6,15 @@ pub mod bench;
 pub mod capture;
 pub mod cli;
 pub mod error;
-pub mod fuzzing;
 pub mod loader;
-pub mod manifest;
 pub mod metrics;
 pub mod model;
 pub mod model_files;
-pub mod prompts;
-pub mod pt;
 pub mod pull;
 pub mod run;
 pub mod store;
 pub mod tokenizer;
 
 pub use error::CaptureError;
+
+pub use capture_format::{fuzzing, manifest, prompts, pt};

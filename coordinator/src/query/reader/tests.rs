@@ -567,7 +567,7 @@ async fn torch_written_views_read_when_contiguous() {
     let local = local_run();
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../worker/tests/fixtures/pt/views.pt"
+        "/../format/tests/fixtures/pt/views.pt"
     );
     let bytes = std::fs::read(path).unwrap();
     let key = "inference/raw/residual/fixtures/views.pt";

@@ -7,8 +7,24 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{CaptureError, Result};
-use crate::pt::PtValue;
+use crate::pt::{PtError, PtValue};
+
+/// Why a manifest could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("i/o error on {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read manifest {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error(transparent)]
+    Write(#[from] PtError),
+}
+
+type Result<T, E = ManifestError> = std::result::Result<T, E>;
 
 pub const MANIFEST_FORMAT: &str = "capture-manifest/1";
 
@@ -66,7 +82,7 @@ impl Manifest {
     }
 
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| CaptureError::Io {
+        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Io {
             path: path.to_path_buf(),
             source,
         })?;
@@ -75,8 +91,9 @@ impl Manifest {
 
     /// Parses a manifest; `source` names it in the error.
     pub fn from_json(text: &str, source: &str) -> Result<Self> {
-        serde_json::from_str(text).map_err(|e| {
-            CaptureError::InvalidArgument(format!("cannot read manifest {source}: {e}"))
+        serde_json::from_str(text).map_err(|e| ManifestError::Parse {
+            origin: source.to_owned(),
+            message: e.to_string(),
         })
     }
 
