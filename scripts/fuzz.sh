@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs every cargo-fuzz target for FUZZ_SECONDS (default 20) each, starting
-# from the committed corpus in fuzz/corpus/ (new coverage goes to a scratch
-# copy, so the repository's corpus only changes when someone commits it).
+# Runs every cargo-fuzz target (or those named as arguments) for
+# FUZZ_SECONDS (default 20) each, starting from the committed corpus in
+# fuzz/corpus/ (new coverage goes to a scratch copy, so the repository's
+# corpus only changes when someone commits it).
 # Needs the nightly toolchain; installs cargo-fuzz from crates.io if absent.
 # Prints, per target, the executions, coverage and corpus size libFuzzer
 # reports. Exits non-zero on the first crash (the input is in
@@ -11,6 +12,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 seconds="${FUZZ_SECONDS:-20}"
 targets=(pt_reader prompt_file manifest)
+if [ "$#" -gt 0 ]; then
+  targets=("$@")
+fi
 
 if ! rustup toolchain list | grep -q '^nightly'; then
   echo "fuzz: installing the nightly toolchain" >&2

@@ -433,53 +433,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_scrape_reads_the_job_counts_from_the_queue() {
-        use capture_worker::store::{ArtifactStore, StoreOptions};
-
-        use crate::queue::{DecodingSpec, JobPrompt, NewJob, NewRun, Queue, RunSpec};
-        use crate::service::LeaseTiming;
-
-        let dir = tempfile::tempdir().unwrap();
-        let queue = Queue::connect("sqlite::memory:").await.unwrap();
-        let store = ArtifactStore::from_url(dir.path().to_str().unwrap(), &StoreOptions::default())
-            .unwrap();
-        let coordinator = Coordinator::new(queue, store, LeaseTiming::default());
-        let model = ModelRef {
-            id: "tests/tiny".into(),
-            revision: String::new(),
-        };
-        let jobs: Vec<NewJob> = (0..3)
-            .map(|shard| NewJob {
-                key: format!("set/residual/{shard}"),
-                payload: JobPayload {
-                    prompt_set: "set".into(),
-                    prompts: vec![JobPrompt {
-                        id: shard.to_string(),
-                        text: "hello".into(),
-                    }],
-                    mode: CaptureMode::Residual,
-                },
-            })
-            .collect();
-        let run = NewRun {
-            id: RunId::new_time_ordered(),
-            spec: RunSpec {
-                experiment: "metrics".into(),
-                model: model.clone(),
-                prompt_sets: vec!["set".into()],
-                modes: vec![CaptureMode::Residual],
-                decoding: DecodingSpec {
-                    max_new_tokens: 4,
-                    temperature: None,
-                    top_p: None,
-                    seed: None,
-                    chat_template: false,
-                    replay: None,
-                },
-                store_dtype: "f32".into(),
-                shard_size: 1,
-            },
-        };
-        coordinator.queue().create_run(&run, &jobs).await.unwrap();
+        let test = crate::service::test_support::coordinator_with_run("metrics", 3).await;
+        let (coordinator, model) = (test.coordinator, test.model);
         let endpoint = serve_metrics(&coordinator, "127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();

@@ -247,12 +247,27 @@ pub async fn serve(
     Ok(())
 }
 
-/// Every `interval`: re-queue expired leases, then finalize finished runs.
+/// How often the staging of recently finalized runs is swept, and how far
+/// back: a zombie uploads at most about a lease and a drain timeout after it
+/// lost its job, far less than an hour.
+const STAGING_SWEEP_EVERY: Duration = Duration::from_secs(60);
+const STAGING_SWEEP_WINDOW: Duration = Duration::from_secs(3600);
+
+/// Every `interval`: re-queue expired leases, then finalize finished runs;
+/// every [`STAGING_SWEEP_EVERY`], delete late uploads from the staging of
+/// runs finalized in the last [`STAGING_SWEEP_WINDOW`].
 async fn sweep(coordinator: Arc<Coordinator>, interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut staging_swept = tokio::time::Instant::now();
     loop {
         ticker.tick().await;
+        if staging_swept.elapsed() >= STAGING_SWEEP_EVERY {
+            staging_swept = tokio::time::Instant::now();
+            coordinator
+                .sweep_finalized_staging(STAGING_SWEEP_WINDOW)
+                .await;
+        }
         match coordinator.queue().reap_expired().await {
             Ok(report) if report.requeued + report.dead > 0 => {
                 coordinator

@@ -1,6 +1,7 @@
 //! `Queue`: the job queue behind a database URL, Postgres or SQLite, with
 //! its migrations applied; forwards every `JobQueue` call to the backend.
 
+use chrono::{DateTime, Utc};
 use std::time::Duration;
 
 use super::{
@@ -129,6 +130,10 @@ impl JobQueue for Queue {
 
     async fn unfinalized_runs(&self) -> Result<Vec<RunId>, QueueError> {
         forward!(self.unfinalized_runs())
+    }
+
+    async fn finalized_since(&self, since: DateTime<Utc>) -> Result<Vec<RunId>, QueueError> {
+        forward!(self.finalized_since(since))
     }
 
     async fn mark_finalized(&self, run: RunId) -> Result<(), QueueError> {

@@ -20,6 +20,7 @@
 //! job is left queued or leased, moves the run to `succeeded`, `failed` (some
 //! job dead) or `cancelled`.
 
+use chrono::{DateTime, Utc};
 use std::future::Future;
 use std::time::Duration;
 
@@ -114,6 +115,13 @@ pub trait JobQueue: Send + Sync {
 
     /// Terminal runs whose manifest is not written yet, oldest first.
     fn unfinalized_runs(&self) -> impl Future<Output = Result<Vec<RunId>, QueueError>> + Send;
+
+    /// Runs finalized at or after `since`, most recent first (at most 100):
+    /// the ones whose staging a late zombie upload may still litter.
+    fn finalized_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Vec<RunId>, QueueError>> + Send;
 
     /// Records that the run's artifacts are promoted and its manifest is
     /// written. `InvalidState` while the run is still running.

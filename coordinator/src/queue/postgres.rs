@@ -2,6 +2,7 @@
 //! Leases use the database clock (`now()`); claims use `FOR UPDATE SKIP
 //! LOCKED` so concurrent workers never wait on each other's rows.
 
+use chrono::{DateTime, Utc};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -333,6 +334,10 @@ impl JobQueue for PostgresQueue {
 
     async fn unfinalized_runs(&self) -> Result<Vec<RunId>, QueueError> {
         self.read_unfinalized_runs().await
+    }
+
+    async fn finalized_since(&self, since: DateTime<Utc>) -> Result<Vec<RunId>, QueueError> {
+        self.read_finalized_since(since).await
     }
 
     async fn mark_finalized(&self, run: RunId) -> Result<(), QueueError> {

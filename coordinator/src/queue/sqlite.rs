@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::str::FromStr;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use sqlx::Row;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
@@ -374,6 +374,10 @@ impl JobQueue for SqliteQueue {
 
     async fn unfinalized_runs(&self) -> Result<Vec<RunId>, QueueError> {
         self.read_unfinalized_runs().await
+    }
+
+    async fn finalized_since(&self, since: DateTime<Utc>) -> Result<Vec<RunId>, QueueError> {
+        self.read_finalized_since(since).await
     }
 
     async fn mark_finalized(&self, run: RunId) -> Result<(), QueueError> {

@@ -89,6 +89,39 @@ impl Coordinator {
         }
     }
 
+    /// Deletes whatever is in the staging of runs finalized within
+    /// `window`: uploads of zombies that lost their lease and never called
+    /// `CompleteJob` (those that did are cleaned when refused). One listing
+    /// per run; returns the objects deleted. Errors are logged.
+    pub async fn sweep_finalized_staging(&self, window: std::time::Duration) -> usize {
+        let since =
+            Utc::now() - chrono::Duration::from_std(window).unwrap_or(chrono::Duration::hours(1));
+        let runs = match self.queue.finalized_since(since).await {
+            Ok(runs) => runs,
+            Err(error) => {
+                warn!(%error, "cannot list finalized runs to sweep their staging");
+                return 0;
+            }
+        };
+        let mut deleted = 0;
+        for run in runs {
+            let result = async {
+                let store = self.run_store_of(run).await.map_err(|e| e.to_string())?;
+                store.discard_all_staging().await.map_err(|e| e.to_string())
+            }
+            .await;
+            match result {
+                Ok(0) => {}
+                Ok(n) => {
+                    info!(%run, deleted = n, "late uploads deleted from a finalized run's staging");
+                    deleted += n;
+                }
+                Err(error) => warn!(%run, error, "sweeping a finalized run's staging failed"),
+            }
+        }
+        deleted
+    }
+
     /// Finalizes every terminal run that is not yet, repairing whatever a
     /// crash left half done. Returns how many runs it finalized.
     pub async fn finalize_pending(&self) -> usize {
@@ -304,4 +337,81 @@ fn run_manifest(
         "jobs": jobs_json,
         "artifacts": artifacts_json,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use crate::queue::JobQueue;
+    use crate::service::test_support::coordinator_with_run;
+
+    #[tokio::test]
+    async fn late_uploads_to_a_finalized_run_are_swept() {
+        let test = coordinator_with_run("sweep", 1).await;
+        let (coordinator, run) = (&test.coordinator, test.run);
+        let queue = coordinator.queue();
+        let hour = std::time::Duration::from_secs(3600);
+        let claimed = queue
+            .claim("worker-a", &test.model, std::time::Duration::from_secs(60))
+            .await
+            .unwrap()
+            .expect("the job");
+        let store = test.store.run("sweep", &run.to_string()).unwrap();
+        let job = claimed.job.id.to_string();
+        // Staging of a running run is never touched.
+        store
+            .stage_put(
+                &job,
+                1,
+                "inference/raw/residual/set/0.pt",
+                Bytes::from_static(b"x"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(coordinator.sweep_finalized_staging(hour).await, 0);
+        assert_eq!(store.list("_staging").await.unwrap().len(), 1);
+
+        queue
+            .fail(claimed.job.id, 1, "worker-a", "gave up", false)
+            .await
+            .unwrap();
+        assert!(coordinator.finalize_run(run).await.unwrap().finalized);
+        // A zombie uploads after finalization and never completes.
+        store
+            .stage_put(
+                &job,
+                1,
+                "inference/raw/residual/set/0.pt",
+                Bytes::from_static(b"late"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(coordinator.sweep_finalized_staging(hour).await, 1);
+        assert!(store.list("_staging").await.unwrap().is_empty());
+        assert!(
+            store
+                .list("")
+                .await
+                .unwrap()
+                .iter()
+                .any(|o| o.key == "manifest.json")
+        );
+        // Outside the window: not listed any more.
+        store
+            .stage_put(
+                &job,
+                1,
+                "inference/raw/residual/set/0.pt",
+                Bytes::from_static(b"later"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            coordinator
+                .sweep_finalized_staging(std::time::Duration::ZERO)
+                .await,
+            0
+        );
+    }
 }

@@ -23,6 +23,8 @@ use crate::queue::{Queue, RunId, RunSpec};
 mod capture;
 pub(crate) mod convert;
 mod finalize;
+#[cfg(test)]
+pub(crate) mod test_support;
 mod worker;
 
 pub use capture::CaptureApi;

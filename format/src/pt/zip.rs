@@ -361,7 +361,10 @@ fn locate_directory(
             })?;
         let pos = usize::try_from(pos)
             .ok()
-            .filter(|&p| p + ZIP64_EOCD_LEN <= locator)
+            .filter(|&p| {
+                p.checked_add(ZIP64_EOCD_LEN)
+                    .is_some_and(|end| end <= locator)
+            })
             .ok_or_else(|| PtError::Zip("zip64 end of central directory out of bounds".into()))?;
         if bytes.u32(pos) != Some(ZIP64_EOCD_SIG) {
             return Err(PtError::Zip(

@@ -5,8 +5,9 @@
 //! by reading `W` once, not by arithmetic. candle's GEMM handles this shape
 //! poorly (measured on the 2-core development machine, 9216x2304 f32: 5.6-6.6
 //! ms, about 14 GB/s, slower than the same GEMM with two or four vectors);
-//! [`RowDot`] streams each weight row once with SIMD dot products and splits
-//! the rows across the thread pool: 3.1-3.7 ms, 23-28 GB/s. For two or more
+//! [`RowDot`] streams each weight row once with SIMD dot products (AVX-512 or
+//! AVX2 through pulp's run-time dispatch) and splits the rows across the
+//! thread pool: 3.1-3.7 ms, 23-28 GB/s. For two or more
 //! vectors `W @ X^T` through candle's GEMM is faster than a row loop (probe:
 //! `row_dot_speed` below), so it is used for one vector only.
 
@@ -79,7 +80,7 @@ impl CustomOp2 for RowDot {
     }
 }
 
-/// `a . b` with the widest SIMD the CPU offers (AVX2+FMA where present),
+/// `a . b` with the widest SIMD the CPU offers (AVX-512, else AVX2+FMA),
 /// chosen at run time; four independent accumulators hide the FMA latency.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     struct Dot<'a>(&'a [f32], &'a [f32]);

@@ -243,6 +243,15 @@ impl RunStore {
         Ok(deleted)
     }
 
+    /// Deletes everything under the run's staging directory; returns how
+    /// many objects were deleted. Only for a finalized run, where nothing
+    /// staged can be promoted any more (late zombie uploads).
+    pub async fn discard_all_staging(&self) -> Result<usize, StoreError> {
+        let deleted = self.delete_below(STAGING_DIR).await?;
+        debug!(deleted, "discarded the run's staging");
+        Ok(deleted)
+    }
+
     /// Writes a file at a documented key directly (no staging), e.g. the run's
     /// `manifest.json`. Only the coordinator writes these; the write replaces
     /// the object atomically.

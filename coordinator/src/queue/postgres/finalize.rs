@@ -1,6 +1,7 @@
 //! `PostgresQueue`: releasing a lease without a failure, and the run
 //! finalization bookkeeping (manifest written, artifacts promoted).
 
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::PostgresQueue;
@@ -49,6 +50,21 @@ impl PostgresQueue {
             "SELECT id FROM runs WHERE state <> 'running' AND finalized_at IS NULL
              ORDER BY finished_at, id LIMIT 100",
         )
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(RunId)
+        .collect())
+    }
+
+    pub(super) async fn read_finalized_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<RunId>, QueueError> {
+        Ok(sqlx::query_scalar::<_, Uuid>(
+            "SELECT id FROM runs WHERE finalized_at >= $1 ORDER BY finalized_at DESC, id LIMIT 100",
+        )
+        .bind(since)
         .fetch_all(&self.pool)
         .await?
         .into_iter()

@@ -3,6 +3,7 @@
 
 use super::{BEGIN_WRITE, SqliteQueue, now_millis, rows};
 use crate::queue::{JobId, QueueError, RunId};
+use chrono::{DateTime, Utc};
 use rows::id_text;
 
 impl SqliteQueue {
@@ -52,6 +53,21 @@ impl SqliteQueue {
             "SELECT id FROM runs WHERE state <> 'running' AND finalized_at IS NULL
              ORDER BY finished_at, id LIMIT 100",
         )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|id| rows::parse_id(id).map(RunId))
+        .collect()
+    }
+
+    pub(super) async fn read_finalized_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<RunId>, QueueError> {
+        sqlx::query_scalar::<_, String>(
+            "SELECT id FROM runs WHERE finalized_at >= ?1 ORDER BY finalized_at DESC, id LIMIT 100",
+        )
+        .bind(since.timestamp_millis())
         .fetch_all(&self.pool)
         .await?
         .iter()

@@ -459,8 +459,13 @@ pub(crate) async fn release_requeues_without_spending_an_attempt_and_runs_finali
     assert!(status.started_at.is_some());
     assert_eq!(status.run.finalized_at, None);
     assert_eq!(queue.unfinalized_runs().await.unwrap(), vec![run_id]);
+    let before = chrono::Utc::now() - chrono::Duration::seconds(5);
+    assert!(queue.finalized_since(before).await.unwrap().is_empty());
     queue.mark_finalized(run_id).await.unwrap();
     assert!(queue.unfinalized_runs().await.unwrap().is_empty());
+    assert_eq!(queue.finalized_since(before).await.unwrap(), vec![run_id]);
+    let later = chrono::Utc::now() + chrono::Duration::seconds(5);
+    assert!(queue.finalized_since(later).await.unwrap().is_empty());
     assert!(
         queue
             .run_status(run_id)
