@@ -31,7 +31,8 @@ cargo build --workspace --bins --locked
 echo "== testing"
 log="$(mktemp)"
 status=0
-cargo test --workspace --locked -- "$@" 2>&1 | tee "$log" || status=$?
+# --no-fail-fast: a failing test binary does not hide the ones after it.
+cargo test --workspace --locked --no-fail-fast -- "$@" 2>&1 | tee "$log" || status=$?
 # One closing line over every test binary (the last binary cargo runs is a
 # doc-test harness with no tests, which would otherwise close the output).
 grep -E '^test result:' "$log" | awk '{p += $4; f += $6} END {printf "tests: %d passed, %d failed\n", p, f}'

@@ -194,26 +194,38 @@ pub fn run_capture(options: &CaptureOptions) -> Result<CaptureSummary> {
         manifest_path.clone(),
         batch_size,
     );
-    for batch in prepared.chunks(batch_size) {
-        let first = &batch[0].prompt.id;
-        progress.set_message(match batch.len() {
-            1 => format!("prompt {first}"),
-            n => format!("prompts {first}.. ({n} per batch)"),
-        });
-        let mut on_token = |_| {
-            generated += 1;
-            let rate = generated as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            progress.set_message(format!("batch of {} · {rate:.2} tok/s", batch.len()));
-        };
-        let captured = capture_prepared_batch(&meta, &model, &settings, batch, &mut on_token)?;
-        for prompt in captured {
-            if !writer.send(prompt) {
-                break;
+    // On a capture error, what earlier batches captured is still written
+    // and recorded in the manifest before the error is returned; a writer
+    // error stops the capture.
+    let computed: Result<()> = 'capture: {
+        for batch in prepared.chunks(batch_size) {
+            let first = &batch[0].prompt.id;
+            progress.set_message(match batch.len() {
+                1 => format!("prompt {first}"),
+                n => format!("prompts {first}.. ({n} per batch)"),
+            });
+            let mut on_token = |_| {
+                generated += 1;
+                let rate = generated as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                progress.set_message(format!("batch of {} · {rate:.2} tok/s", batch.len()));
+            };
+            let captured =
+                match capture_prepared_batch(&meta, &model, &settings, batch, &mut on_token) {
+                    Ok(captured) => captured,
+                    Err(error) => break 'capture Err(error),
+                };
+            for prompt in captured {
+                if !writer.send(prompt) {
+                    break 'capture Ok(());
+                }
+                progress.inc(1);
             }
-            progress.inc(1);
         }
-    }
-    let written = writer.finish()?;
+        Ok(())
+    };
+    let written = writer.finish();
+    computed?;
+    let written = written?;
     progress.finish_and_clear();
     Ok(CaptureSummary {
         prompt_set: set.name,
