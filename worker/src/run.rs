@@ -31,8 +31,8 @@ pub use batch::{
     peak_resident_memory, sequence_cost,
 };
 pub use prompt::{
-    CaptureSettings, CapturedPrompt, PreparedPrompt, PromptArtifact, capture_prepared,
-    capture_prepared_batch, longest_context, prepare_prompts,
+    CaptureSettings, CapturedPrompt, PreparedPrompt, PromptArtifact, batch_size_for,
+    capture_prepared, capture_prepared_batch, prepare_prompts,
 };
 pub use replay::{ReplayDir, ReplaySource, first_internals_file, internals_dir, nothing_to_replay};
 
@@ -173,16 +173,7 @@ pub fn run_capture(options: &CaptureOptions) -> Result<CaptureSummary> {
         .unwrap_or_else(|| Manifest::new(identity, parameters));
 
     let model = meta.load_model(&device, compute_dtype)?;
-    let batch_size = options
-        .batch_size
-        .resolve(
-            &meta.config,
-            &settings.mode,
-            longest_context(&prepared, &settings),
-            compute_dtype,
-            &device,
-        )
-        .min(prepared.len().max(1));
+    let batch_size = batch_size_for(options.batch_size, &meta, &model, &settings, &prepared);
     let progress = progress_bar(options.progress, prepared.len());
     let started = Instant::now();
     let mut generated = 0usize;

@@ -23,7 +23,7 @@ use crate::capture::CaptureMode;
 use crate::manifest::ArtifactEntry;
 use crate::metrics::WorkerMetrics;
 use crate::run::{
-    PromptArtifact, ReplaySource, capture_prepared_batch, longest_context, prepare_prompts,
+    PromptArtifact, ReplaySource, batch_size_for, capture_prepared_batch, prepare_prompts,
 };
 use crate::store::RunStore;
 
@@ -121,17 +121,7 @@ fn capture_all(job: &JobRun, queue: &mpsc::Sender<PendingUpload>) -> Result<Capt
         job.replay.as_ref().map(|r| r as &dyn ReplaySource),
     )?;
     let model = &job.engine.model;
-    let batch_size = job
-        .engine
-        .batch_size
-        .resolve(
-            &meta.config,
-            &settings.mode,
-            longest_context(&prepared, settings),
-            model.dtype(),
-            model.device(),
-        )
-        .min(prepared.len().max(1));
+    let batch_size = batch_size_for(job.engine.batch_size, meta, model, settings, &prepared);
     for batch in prepared.chunks(batch_size) {
         if stopped() {
             return Ok(Captured {

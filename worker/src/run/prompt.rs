@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use super::batch::BatchSize;
 use super::replay::{ReplaySource, replay_ids};
 use super::{CHAT_TEMPLATE, internals_key, residual_key};
 use crate::capture::{
@@ -136,10 +137,31 @@ pub fn prepare_prompts(
         .collect()
 }
 
+/// Prompts per batch for `prepared` on `model`: `batch` resolved against
+/// the longest context (see [`BatchSize::resolve`]), never more than there
+/// are prompts.
+pub fn batch_size_for(
+    batch: BatchSize,
+    meta: &ModelMeta,
+    model: &Gemma2,
+    settings: &CaptureSettings,
+    prepared: &[PreparedPrompt],
+) -> usize {
+    batch
+        .resolve(
+            &meta.config,
+            &settings.mode,
+            longest_context(prepared, settings),
+            model.dtype(),
+            model.device(),
+        )
+        .min(prepared.len().max(1))
+}
+
 /// The most positions any pass of these prompts holds: the prompt and its
 /// response (the last response token is never fed back, but counting it
 /// keeps the estimate on the safe side).
-pub fn longest_context(prepared: &[PreparedPrompt], settings: &CaptureSettings) -> usize {
+fn longest_context(prepared: &[PreparedPrompt], settings: &CaptureSettings) -> usize {
     prepared
         .iter()
         .map(|p| p.ids.len() + p.replay.as_ref().map_or(settings.max_new_tokens, Vec::len))
