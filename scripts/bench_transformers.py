@@ -2,8 +2,8 @@
 """Time the transformers reference at the real gemma-2-2b dimensions.
 
 The competitor of `worker bench`: the same shapes (random weights, f32 on the
-CPU), the same prompt length and number of new tokens, greedy. Three
-workloads:
+CPU by default; --device cuda --dtype bf16 on a GPU), the same prompt length
+and number of new tokens, greedy. Three workloads:
 
 * plain generation with a KV cache;
 * KV cache plus capture hooks (residuals of every layer and eager attention
@@ -12,6 +12,10 @@ workloads:
   step, with the same hooks;
 * with --batch-sizes, KV cache plus hooks over batches of distinct prompts of
   the same length (no padding needed), as `worker bench` batches them.
+
+On a GPU the hooks copy what they capture to the host at every step, as a
+capture tool must (and as `worker bench` does), and the clock stops after
+the device has finished.
 
 Prints seconds per generated token and peak resident memory, as a markdown
 table (and JSON with --json).
@@ -34,6 +38,8 @@ def main() -> None:
     parser.add_argument(
         "--batch-sizes", default="", help="comma-separated batch sizes of extra KV cache + hooks workloads (e.g. 4,16)"
     )
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"], help="weights and compute (default f32)")
     parser.add_argument("--json", help="also write the results as JSON here")
     args = parser.parse_args()
 
@@ -50,8 +56,10 @@ def main() -> None:
     print("building random weights", flush=True)
     with torch.device("meta"):
         model = Gemma2ForCausalLM(config)
-    model = model.to_empty(device="cpu").to(torch.float32).eval()
-    gen = torch.Generator().manual_seed(0)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
+    device = torch.device(args.device)
+    model = model.to_empty(device=device).to(dtype).eval()
+    gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             p.uniform_(-0.02 * 3**0.5, 0.02 * 3**0.5, generator=gen)
@@ -62,14 +70,17 @@ def main() -> None:
         # the same distinct prompts as `worker bench`: token p of prompt i
         # shifted by 7919 * i, <bos> kept
         return torch.tensor([[t if p == 0 else (t + 7919 * i) % 256000 for p, t in enumerate(base)]
-                             for i in range(batch)])
+                             for i in range(batch)], device=device)
+
+    def keep(t):
+        return t.detach().to("cpu") if device.type != "cpu" else t.detach().clone()
 
     captured = []
 
     def hook(module, inputs, output):
         # every position of the pass: the whole prompt, then one per step
-        captured.append(inputs[0].detach().clone())
-        captured.append((output[0] if isinstance(output, tuple) else output).detach().clone())
+        captured.append(keep(inputs[0]))
+        captured.append(keep(output[0] if isinstance(output, tuple) else output))
 
     def run(kind, batch=1):
         handles = []
@@ -83,17 +94,19 @@ def main() -> None:
                 if kind == "recompute":
                     out = model(ids, use_cache=False, output_attentions=True)
                     for a in out.attentions:
-                        captured.append(a[0].mean(0).clone())
+                        captured.append(keep(a[0].mean(0)))
                     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
                     ids = torch.cat([ids, nxt], 1)
                 else:
                     out = model(ids, past_key_values=past, use_cache=True, output_attentions=kind == "hooks")
                     if kind == "hooks":
                         for a in out.attentions:
-                            captured.append(a.mean(1).clone())
+                            captured.append(keep(a.mean(1)))
                     past = out.past_key_values
                     ids = out.logits[:, -1].argmax(-1, keepdim=True)
                 captured.clear()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         for h in handles:
             h.remove()
@@ -116,7 +129,9 @@ def main() -> None:
         rows.append({"workload": name, "batch": batch, "seconds_per_token": seconds})
         print(f"{name}: {seconds:.3f} s/token", flush=True)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"\ntorch {torch.__version__}, {args.threads} threads, {args.prompt_tokens}-token prompt, "
+    device_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    on = f"{args.device} {args.dtype}" + (f" (peak {device_gib:.1f} GiB allocated)" if device_gib else "")
+    print(f"\ntorch {torch.__version__}, {on}, {args.threads} threads, {args.prompt_tokens}-token prompt, "
           f"{args.new_tokens} new tokens, peak RSS {peak_gib:.1f} GiB\n")
     print("| workload | s / generated token |\n|---|---|")
     for row in rows:
@@ -126,7 +141,7 @@ def main() -> None:
             import transformers
 
             json.dump(
-                {"rows": rows, "peak_rss_gib": peak_gib, "torch": torch.__version__,
+                {"rows": rows, "peak_rss_gib": peak_gib, "peak_device_gib": device_gib, "torch": torch.__version__,
                  "transformers": transformers.__version__},
                 f, indent=2,
             )

@@ -69,6 +69,9 @@ pub struct BenchRow {
 pub struct TransformersReport {
     pub rows: Vec<TransformersRow>,
     pub peak_rss_gib: f64,
+    /// Peak GPU memory torch allocated (GPU runs only).
+    #[serde(default)]
+    pub peak_device_gib: Option<f64>,
     pub torch: String,
     #[serde(default)]
     pub transformers: String,
@@ -271,9 +274,13 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
             log("running the transformers reference (scripts/bench_transformers.py)");
             Some(run_transformers(
                 reference,
-                prompt.len(),
-                options.new_tokens,
-                &options.batch_sizes,
+                &ReferenceShape {
+                    device: if device.is_cpu() { "cpu" } else { "cuda" },
+                    dtype: dtype_name(dtype),
+                    prompt_tokens: prompt.len(),
+                    new_tokens: options.new_tokens,
+                    batch_sizes: &options.batch_sizes,
+                },
             )?)
         }
     };
@@ -295,18 +302,26 @@ fn reset_peak_memory() {
 }
 
 /// Runs the transformers reference on the same shapes and reads its JSON.
-fn run_transformers(
-    reference: &TransformersBench,
+/// What the transformers reference runs: our device kind, dtype and shapes.
+struct ReferenceShape<'a> {
+    device: &'static str,
+    dtype: &'static str,
     prompt_tokens: usize,
     new_tokens: usize,
-    batch_sizes: &[usize],
+    batch_sizes: &'a [usize],
+}
+
+fn run_transformers(
+    reference: &TransformersBench,
+    shape: &ReferenceShape<'_>,
 ) -> Result<TransformersReport> {
-    let batches: Vec<String> = batch_sizes.iter().map(ToString::to_string).collect();
+    let batches: Vec<String> = shape.batch_sizes.iter().map(ToString::to_string).collect();
     let json = std::env::temp_dir().join(format!("capture-bench-{}.json", std::process::id()));
     let status = Command::new(&reference.python)
         .arg(&reference.script)
-        .args(["--prompt-tokens", &prompt_tokens.to_string()])
-        .args(["--new-tokens", &new_tokens.to_string()])
+        .args(["--prompt-tokens", &shape.prompt_tokens.to_string()])
+        .args(["--new-tokens", &shape.new_tokens.to_string()])
+        .args(["--device", shape.device, "--dtype", shape.dtype])
         .args(["--threads", &reference.threads.to_string()])
         .args(["--batch-sizes", &batches.join(",")])
         .arg("--json")
@@ -377,10 +392,10 @@ impl BenchReport {
                 "—".into()
             };
             out.push_str(&format!(
-                "| capture: {} | {} | {:.3} | {rate} | {} | {:+.1}% | {:.3} | {} |\n",
+                "| capture: {} | {} | {} | {rate} | {} | {:+.1}% | {:.3} | {} |\n",
                 row.workload,
                 row.batch,
-                row.seconds_per_token,
+                seconds(row.seconds_per_token),
                 gib(row.peak_memory_bytes),
                 row.overhead_vs_plain * 100.0,
                 row.encode_seconds,
@@ -389,15 +404,16 @@ impl BenchReport {
         }
         if let Some(t) = &self.transformers {
             let tokens = (self.prompt_tokens + self.new_tokens) as f64;
+            let memory = match t.peak_device_gib {
+                Some(device) => format!(
+                    "{:.1} GiB host, {device:.1} GiB device (whole script)",
+                    t.peak_rss_gib
+                ),
+                None => format!("{:.1} GiB (whole script)", t.peak_rss_gib),
+            };
             for row in &t.rows {
-                let rate = if row.workload.contains("hooks") {
-                    format!(
-                        "{:.1}",
-                        tokens / (row.seconds_per_token * self.new_tokens as f64)
-                    )
-                } else {
-                    "—".into()
-                };
+                // Tokens per second of a batch: batch x tokens over the
+                // batch's time (seconds per token x generated tokens).
                 let rate = if row.workload.contains("hooks") {
                     format!(
                         "{:.1}",
@@ -405,14 +421,13 @@ impl BenchReport {
                             / (row.seconds_per_token * (row.batch * self.new_tokens) as f64)
                     )
                 } else {
-                    rate
+                    "—".into()
                 };
                 out.push_str(&format!(
-                    "| {} | {} | {:.3} | {rate} | {:.1} GiB (whole script) | — | — | {} |\n",
+                    "| {} | {} | {} | {rate} | {memory} | — | — | {} |\n",
                     row.workload,
                     row.batch,
-                    row.seconds_per_token,
-                    t.peak_rss_gib,
+                    seconds(row.seconds_per_token),
                     versus(row.batch, row.seconds_per_token),
                 ));
             }
@@ -430,9 +445,28 @@ impl BenchReport {
     }
 }
 
+/// Seconds with three significant digits (at least three decimals), so
+/// that GPU steps of a few milliseconds keep their precision.
+fn seconds(value: f64) -> String {
+    let decimals = if value > 0.0 && value < 1.0 {
+        (2 - value.log10().floor() as i32).max(3) as usize
+    } else {
+        3
+    };
+    format!("{value:.decimals$}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seconds_keep_three_significant_digits() {
+        assert_eq!(seconds(0.503), "0.503");
+        assert_eq!(seconds(2.5), "2.500");
+        assert_eq!(seconds(0.00431), "0.00431");
+        assert_eq!(seconds(0.0123), "0.0123");
+    }
 
     #[test]
     fn the_table_puts_both_engines_side_by_side() {
@@ -478,6 +512,7 @@ mod tests {
                     },
                 ],
                 peak_rss_gib: 13.1,
+                peak_device_gib: None,
                 torch: "2.9".into(),
                 transformers: "5.0".into(),
             }),

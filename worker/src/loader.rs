@@ -55,7 +55,12 @@ impl DeviceArg {
                         "--device {self} needs a worker built with `--features cuda`; this build is CPU-only"
                     )));
                 }
-                Ok(Device::new_cuda(*n)?)
+                Device::new_cuda(*n).map_err(|e| {
+                    CaptureError::InvalidArgument(format!(
+                        "cannot open {self}: {} (is the NVIDIA driver installed, the GPU visible to this process, and {n} below the GPU count of nvidia-smi -L?)",
+                        e.to_string().lines().next().unwrap_or_default()
+                    ))
+                })
             }
         }
     }

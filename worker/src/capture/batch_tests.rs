@@ -2,7 +2,7 @@
 //! (padding, a prompt longer than the sliding window), sequences finishing
 //! at different steps (an end token, short and long replays, sampling).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
@@ -13,14 +13,22 @@ use crate::loader::ModelMeta;
 use crate::model::{CaptureRequest, Gemma2, LayerWants};
 use crate::model_files::ModelSource;
 
-fn tiny() -> (ModelMeta, Gemma2) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-gemma2");
+/// The tiny fixture checkpoint on `device`, computing in `dtype`; from
+/// `CAPTURE_TINY_MODEL` when set (a test binary run on another machine).
+pub(super) fn tiny_on(device: &Device, dtype: DType) -> (ModelMeta, Gemma2) {
+    let dir = std::env::var_os("CAPTURE_TINY_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-gemma2")
+        });
     let meta = ModelMeta::load(&ModelSource::new(dir.to_str().unwrap())).unwrap();
-    let model = meta.load_model(&Device::Cpu, DType::F32).unwrap();
+    let model = meta.load_model(device, dtype).unwrap();
     (meta, model)
 }
 
-fn everything(layers: usize) -> CaptureRequest {
+/// Every tensor of every layer: even layers per-head attention, odd layers
+/// the head mean.
+pub(super) fn everything(layers: usize) -> CaptureRequest {
     let all = LayerWants {
         residual: true,
         attention_mean: false,
@@ -90,7 +98,13 @@ fn assert_traces_close(name: &str, batched: &PromptTrace, alone: &PromptTrace) {
 
 #[test]
 fn batched_capture_equals_one_at_a_time() {
-    let (meta, model) = tiny();
+    let (meta, model) = tiny_on(&Device::Cpu, DType::F32);
+    batched_equals_one_at_a_time(&meta, &model);
+}
+
+/// Captures five prompts in one batch (padding, the sliding window, an end
+/// token mid-batch, replays, sampling) and each alone; all within 1e-4.
+pub(super) fn batched_equals_one_at_a_time(meta: &ModelMeta, model: &Gemma2) {
     let encode = |text: &str| meta.tokenizer.encode_prompt(text).unwrap();
     let short = encode("Hi");
     let medium = encode("Is it safe to eat raw cookie dough?");
@@ -117,7 +131,7 @@ fn batched_capture_equals_one_at_a_time() {
     // An end token the greedy medium prompt produces at its third step, so it
     // leaves the batch early.
     let free = capture_prompt(
-        &model,
+        model,
         &medium,
         &request,
         generate(&greedy, 9, &[], "t/2"),
@@ -150,11 +164,11 @@ fn batched_capture_equals_one_at_a_time() {
         },
     ];
     let mut tokens_of = vec![0usize; items.len()];
-    let batched = capture_batch(&model, &items, &request, &mut |i| tokens_of[i] += 1).unwrap();
+    let batched = capture_batch(model, &items, &request, &mut |i| tokens_of[i] += 1).unwrap();
     assert!(batched[1].response_ids.len() <= 3, "ended by its end token");
     for (i, item) in items.iter().enumerate() {
         let alone =
-            capture_prompt(&model, item.prompt_ids, &request, item.plan, &mut || {}).unwrap();
+            capture_prompt(model, item.prompt_ids, &request, item.plan, &mut || {}).unwrap();
         assert_eq!(
             tokens_of[i],
             alone.response_ids.len(),

@@ -9,6 +9,8 @@ pub mod trace;
 
 #[cfg(test)]
 mod batch_tests;
+#[cfg(all(test, feature = "cuda"))]
+mod gpu_tests;
 
 pub use artifact::{TokenTexts, internals_artifact, residual_artifact};
 pub use decode::Sampling;

@@ -208,6 +208,13 @@ impl KvCache {
         if keep.len() == self.batch() && keep.iter().enumerate().all(|(a, &b)| a == b) {
             return Ok(());
         }
+        if keep.is_empty() {
+            // Every sequence finished. (An empty index is also an empty
+            // allocation, which CUDA refuses.)
+            self.layers.iter_mut().for_each(|layer| *layer = None);
+            self.columns.clear();
+            return Ok(());
+        }
         let columns = keep.iter().map(|&i| self.columns[i].clone()).collect();
         for layer in self.layers.iter_mut().flatten() {
             let index = Tensor::new(
@@ -337,5 +344,14 @@ mod tests {
                 .to_string()
                 .contains("zero")
         );
+    }
+
+    #[test]
+    fn retaining_nothing_empties_the_cache_without_an_empty_index() {
+        let mut cache = filled(&[3, 1]);
+        cache.retain(&[]).unwrap();
+        assert_eq!(cache.batch(), 0);
+        assert!(cache.is_empty());
+        assert!(cache.layers.iter().all(Option::is_none));
     }
 }

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU checks of the CUDA build, in one run on a machine with an NVIDIA GPU
+# (driver with CUDA 13, Python with torch and transformers), from the
+# repository root, after `bash scripts/build_cuda.sh` made .gpu/:
+#
+#   bash scripts/gpu_check.sh [OUT_DIR]
+#
+# 1. the engine's GPU tests (capture::gpu_tests: CUDA f32 and bf16 against
+#    the CPU, batched against one-at-a-time on the GPU, device memory) and
+#    the CPU batch test, from the test binary built with --features cuda;
+# 2. `worker capture` end to end on the tiny fixture: CPU f32, then CUDA bf16
+#    teacher-forced on the CPU's tokens, then CUDA f32 greedy; every artifact
+#    loaded with torch.load(weights_only=True) and compared with the CPU's
+#    (scripts/compare_captures.py);
+# 3. `worker bench --device cuda --compare-transformers` at gemma-2-2b's
+#    dimensions (bf16), batches of 1 to 64.
+#
+# Every step runs even when an earlier one fails; the summary at the end
+# gives each step's exit status. All output goes to OUT_DIR/all.log, the bench results to bench.json.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-/tmp/gpu-check}}
+mkdir -p "$out" /tmp/gpu-bin
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+
+# The CUDA libraries: the toolkit's, else the ones PyTorch's wheels bring.
+torch_libs=$(python3 -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null)
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${torch_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+for binary in worker engine-tests; do
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+        ".gpu/$binary.xz" "/tmp/gpu-bin/$binary" && chmod +x "/tmp/gpu-bin/$binary"
+done
+ldd /tmp/gpu-bin/worker | grep -E 'cuda|cublas|curand|nvrtc|not found'
+export CAPTURE_TINY_MODEL=$PWD/tests/fixtures/tiny-gemma2
+
+declare -A status
+step() {
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name: $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee -a "$out/all.log"
+    status[$name]="${PIPESTATUS[0]} ($((SECONDS - start)) s)"
+}
+
+step tests 180 /tmp/gpu-bin/engine-tests --test-threads 1 --nocapture gpu_tests batch_tests
+
+fixture=tests/fixtures/tiny-gemma2
+capture=(/tmp/gpu-bin/worker capture --model "$fixture" --prompt-set adversarial --mode residual --max-new-tokens 8 --quiet)
+step capture-cpu 60 "${capture[@]}" --device cpu --out /tmp/run-cpu
+step capture-cuda-bf16 60 "${capture[@]}" --device cuda --dtype bf16 --replay /tmp/run-cpu --out /tmp/run-bf16
+step capture-cuda-f32 60 "${capture[@]}" --device cuda --dtype f32 --out /tmp/run-f32
+step compare-f32 60 python3 scripts/compare_captures.py /tmp/run-cpu /tmp/run-f32 --atol 1e-3 --rtol 1e-3 -q
+step compare-bf16 60 python3 scripts/compare_captures.py /tmp/run-cpu /tmp/run-bf16 --atol 0.1 --rtol 0.05
+
+step bench 360 /tmp/gpu-bin/worker bench --device cuda --new-tokens 20 --prompt-tokens 30 \
+    --batch-sizes 4,16,64,128 --repeats 2 --compare-transformers --python python3 \
+    --json "$out/bench.json"
+
+echo "=== summary"
+for name in tests capture-cpu capture-cuda-bf16 capture-cuda-f32 compare-f32 compare-bf16 bench; do
+    echo "$name: exit ${status[$name]:-not run}"
+done | tee "$out/summary.txt"
