@@ -114,6 +114,10 @@ pub async fn open_local(
 }
 
 /// `coordinator submit` with no `--coordinator`.
+/// How long the embedded `submit` lets an ended run's finalization fail
+/// before it stops and reports the error.
+const FINALIZE_PATIENCE: Duration = Duration::from_secs(20);
+
 pub async fn submit(args: &SubmitArgs) -> anyhow::Result<ExitCode> {
     // Everything the user typed is checked before anything starts.
     let spec = run_spec(args)?;
@@ -192,9 +196,29 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<ExitCode> {
         let mut client = connector.connect().await?;
         submit_and_follow(&mut client, spec, &options, || connector.connect()).await
     };
+    // A run that ended but cannot be finalized (the store refuses us, say)
+    // would be followed for ever: give up after a while, saying why.
+    let stuck = async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if let Some(found) = coordinator.stuck_finalization(FINALIZE_PATIENCE) {
+                return found;
+            }
+        }
+    };
     tokio::pin!(worker);
     let outcome = tokio::select! {
         outcome = followed => outcome,
+        (run, error) = stuck => {
+            let _ = stop_worker.send(());
+            let _ = (&mut worker).await;
+            let _ = stop_server.send(());
+            let _ = server.await;
+            anyhow::bail!(
+                "run {run} ended, but its artifacts could not be finalized for {} s: {error}; fix the store (credentials, rights, reachability) and run an embedded submit with the same --state-dir again: it finalizes the run first",
+                FINALIZE_PATIENCE.as_secs()
+            );
+        }
         stopped = &mut worker => {
             let reason = match stopped {
                 Ok(Ok(_)) => "it stopped".to_owned(),

@@ -89,11 +89,11 @@ const CONNECTION_ENV: [&str; 6] = [
 ];
 
 /// Environment every cluster process gets: the S3 endpoint and logs.
-fn cluster_env(cmd: &mut Command) -> &mut Command {
+fn cluster_env<'a>(cmd: &'a mut Command, endpoint: &str) -> &'a mut Command {
     for name in CONNECTION_ENV {
         cmd.env_remove(name);
     }
-    cmd.env("AWS_ENDPOINT_URL", s3_endpoint())
+    cmd.env("AWS_ENDPOINT_URL", endpoint)
         .env("AWS_ALLOW_HTTP", "true")
         .env(
             "RUST_LOG",
@@ -103,8 +103,13 @@ fn cluster_env(cmd: &mut Command) -> &mut Command {
 
 /// `coordinator args...` with the cluster's environment.
 pub fn coordinator() -> Command {
+    coordinator_via(&s3_endpoint())
+}
+
+/// `coordinator args...` reaching S3 at `endpoint`.
+fn coordinator_via(endpoint: &str) -> Command {
     let mut cmd = Command::new(workspace_bin("coordinator"));
-    cluster_env(&mut cmd);
+    cluster_env(&mut cmd, endpoint);
     cmd
 }
 
@@ -146,6 +151,15 @@ impl Process {
             std::thread::sleep(Duration::from_millis(50));
         }
         None
+    }
+
+    /// Whether the process is still running (false once it has exited or
+    /// was killed).
+    pub fn running(&mut self) -> bool {
+        match self.child.as_mut() {
+            None => false,
+            Some(child) => child.try_wait().ok().flatten().is_none(),
+        }
     }
 
     /// Whether it has exited, with its status.
@@ -251,6 +265,10 @@ pub struct ClusterOptions {
     /// (default: `CAPTURE_E2E_LOG` or `info` for the servers, `warn` for
     /// the clients).
     pub log_filter: Option<String>,
+    /// The S3 endpoint the coordinator and workers use (default: the test
+    /// endpoint; a [`crate::fault_proxy::FaultProxy`] in front of it to
+    /// inject storage faults). Buckets are made and read directly.
+    pub s3_endpoint: Option<String>,
 }
 
 /// A coordinator on a fresh database and bucket, plus workers.
@@ -263,6 +281,8 @@ pub struct Cluster {
     pub timing: ClusterTiming,
     pub security: ClusterSecurity,
     pub log_filter: Option<String>,
+    /// What the coordinator and workers reach S3 at.
+    pub s3_endpoint: String,
     pub coordinator: Option<Process>,
     pub workers: Vec<Process>,
     pub logs: tempfile::TempDir,
@@ -296,6 +316,7 @@ impl Cluster {
             timing: options.timing,
             security: options.security,
             log_filter: options.log_filter,
+            s3_endpoint: options.s3_endpoint.unwrap_or_else(s3_endpoint),
             coordinator: None,
             workers: Vec::new(),
             logs: tempfile::tempdir().expect("a log directory"),
@@ -340,7 +361,7 @@ impl Cluster {
 
     /// Starts (or restarts) `coordinator serve` and waits until it answers.
     pub fn start_coordinator(&mut self) {
-        let mut cmd = coordinator();
+        let mut cmd = coordinator_via(&self.s3_endpoint);
         cmd.arg("serve")
             .args(["--database-url", &self.database_url])
             .args(["--store", &self.store])
@@ -451,7 +472,7 @@ impl Cluster {
         extra: &[&str],
     ) -> usize {
         let mut cmd = Command::new(workspace_bin("worker"));
-        cluster_env(&mut cmd);
+        cluster_env(&mut cmd, &self.s3_endpoint);
         cmd.arg("run")
             .args(["--coordinator", &self.url()])
             .args(["--store", &self.store])

@@ -3,5 +3,6 @@
 //! how to run them.
 
 pub mod cluster;
+pub mod fault_proxy;
 pub mod hub_server;
 pub mod sandbox;

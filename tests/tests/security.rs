@@ -64,6 +64,7 @@ impl SecureCluster {
                 worker_token: Some(worker_token.clone()),
             },
             log_filter: Some("debug".to_owned()),
+            s3_endpoint: None,
         });
         Self {
             cluster,

@@ -134,13 +134,38 @@ impl Coordinator {
         };
         let mut done = 0;
         for run in runs {
-            match self.finalize_run(run).await {
-                Ok(report) if report.finalized => done += 1,
-                Ok(_) => {}
-                Err(error) => warn!(%run, error, "finalizing the run failed; will retry"),
+            let result = self.finalize_run(run).await;
+            let mut failures = self.finalize_failures.lock().expect("failures lock");
+            match result {
+                Ok(report) => {
+                    failures.remove(&run);
+                    if report.finalized {
+                        done += 1;
+                    }
+                }
+                Err(error) => {
+                    warn!(%run, error, "finalizing the run failed; will retry");
+                    failures
+                        .entry(run)
+                        .and_modify(|(_, last)| last.clone_from(&error))
+                        .or_insert_with(|| (std::time::Instant::now(), error));
+                }
             }
         }
         done
+    }
+
+    /// A terminal run whose finalization has failed on every try for longer
+    /// than `patience`, with the last error: what a one-shot command (the
+    /// embedded `submit`) reports instead of waiting for ever. A server
+    /// keeps retrying.
+    pub fn stuck_finalization(&self, patience: std::time::Duration) -> Option<(RunId, String)> {
+        self.finalize_failures
+            .lock()
+            .expect("failures lock")
+            .iter()
+            .find(|(_, (since, _))| since.elapsed() > patience)
+            .map(|(run, (_, error))| (*run, error.clone()))
     }
 
     /// Promotes every accepted attempt of a terminal run, deletes all

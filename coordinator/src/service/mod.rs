@@ -62,6 +62,9 @@ pub struct Coordinator {
     pub(crate) timing: LeaseTiming,
     pub(crate) metrics: CoordinatorMetrics,
     finalizing: Mutex<HashSet<RunId>>,
+    /// Terminal runs whose finalization keeps failing: since when, and the
+    /// last error (see `Coordinator::stuck_finalization`).
+    finalize_failures: Mutex<HashMap<RunId, (std::time::Instant, String)>>,
     /// Experiment names of runs seen by completions (see `run_store_of`).
     experiments: Mutex<HashMap<RunId, String>>,
 }
@@ -75,6 +78,7 @@ impl Coordinator {
             timing,
             metrics: CoordinatorMetrics::default(),
             finalizing: Mutex::new(HashSet::new()),
+            finalize_failures: Mutex::new(HashMap::new()),
             experiments: Mutex::new(HashMap::new()),
         })
     }

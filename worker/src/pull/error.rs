@@ -35,20 +35,30 @@ impl JobError {
                 error,
                 CaptureError::InvalidArgument(_) | CaptureError::Prompt(_)
             ),
-            JobError::Store(error) => !matches!(
-                error,
-                StoreError::InvalidUrl { .. }
-                    | StoreError::UnsafeName { .. }
-                    | StoreError::UnsafeKey { .. }
-                    | StoreError::KeyTooLong { .. }
-            ),
+            JobError::Store(error) => {
+                !error.is_access_denied()
+                    && !matches!(
+                        error,
+                        StoreError::InvalidUrl { .. }
+                            | StoreError::UnsafeName { .. }
+                            | StoreError::UnsafeKey { .. }
+                            | StoreError::KeyTooLong { .. }
+                    )
+            }
             JobError::Internal(_) => true,
         }
     }
 
-    /// The message with every cause that adds something, on one line.
+    /// The message with every cause that adds something, on one line; a
+    /// refusal by the store says what to check.
     pub fn message(&self) -> String {
-        with_causes(self.to_string(), std::error::Error::source(self))
+        let message = with_causes(self.to_string(), std::error::Error::source(self));
+        match self {
+            JobError::Store(error) if error.is_access_denied() => format!(
+                "{message} (the store refused this worker's credentials: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the role, and its rights on the bucket; not retried)"
+            ),
+            _ => message,
+        }
     }
 }
 
@@ -101,6 +111,41 @@ mod tests {
                 true,
             ),
             (JobError::Internal("task panicked".into()), true),
+            (
+                JobError::Store(StoreError::Backend {
+                    operation: "upload",
+                    location: "s3://b/k".into(),
+                    source: object_store::Error::PermissionDenied {
+                        path: "k".into(),
+                        source: "403 Forbidden".into(),
+                    },
+                }),
+                false,
+            ),
+            (
+                // listings come back as generic errors with S3's code inside
+                JobError::Store(StoreError::Backend {
+                    operation: "list",
+                    location: "s3://b/".into(),
+                    source: object_store::Error::Generic {
+                        store: "S3",
+                        source: "Error performing list request: <Code>SignatureDoesNotMatch</Code>"
+                            .into(),
+                    },
+                }),
+                false,
+            ),
+            (
+                JobError::Store(StoreError::Backend {
+                    operation: "upload",
+                    location: "s3://b/k".into(),
+                    source: object_store::Error::Generic {
+                        store: "S3",
+                        source: "connection refused".into(),
+                    },
+                }),
+                true,
+            ),
         ];
         for (error, retryable) in cases {
             assert_eq!(error.is_retryable(), retryable, "{error}");

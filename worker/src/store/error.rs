@@ -113,6 +113,34 @@ impl StoreError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, StoreError::NotFound { .. })
     }
+
+    /// Whether the store refused the credentials or their rights (HTTP 401
+    /// or 403: an unknown key, a wrong secret, no permission on the
+    /// bucket). Another try with the same credentials gets the same answer.
+    pub fn is_access_denied(&self) -> bool {
+        let StoreError::Backend { source, .. } = self else {
+            return false;
+        };
+        if matches!(
+            source,
+            object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. }
+        ) {
+            return true;
+        }
+        // object_store reports some refusals (listings) as generic errors;
+        // S3's error codes are in the text.
+        let text = with_causes(source);
+        [
+            "AccessDenied",
+            "SignatureDoesNotMatch",
+            "InvalidAccessKeyId",
+            "403 Forbidden",
+            "401 Unauthorized",
+        ]
+        .iter()
+        .any(|code| text.contains(code))
+    }
 }
 
 /// The error's message followed by those of its causes that add something
