@@ -113,11 +113,11 @@ pub async fn open_local(
     Ok(Coordinator::new(queue, store, LeaseTiming::default()))
 }
 
-/// `coordinator submit` with no `--coordinator`.
 /// How long the embedded `submit` lets an ended run's finalization fail
 /// before it stops and reports the error.
 const FINALIZE_PATIENCE: Duration = Duration::from_secs(20);
 
+/// `coordinator submit` with no `--coordinator`.
 pub async fn submit(args: &SubmitArgs) -> anyhow::Result<ExitCode> {
     // Everything the user typed is checked before anything starts.
     let spec = run_spec(args)?;
@@ -135,7 +135,15 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<ExitCode> {
     let state = state_dir(embedded.local.state_dir.as_ref())?;
     let coordinator = open_local(Some(&state), &embedded.local.store, true).await?;
     // Interrupted runs of earlier invocations: finalize those that ended.
+    // One that still cannot be finalized is reported and does not stop
+    // this run (see `stuck` below).
     coordinator.finalize_pending().await;
+    let earlier_failures = coordinator.failing_finalizations();
+    for (run, error) in &earlier_failures {
+        eprintln!(
+            "warning: run {run} of an earlier submit ended but cannot be finalized yet: {error}"
+        );
+    }
 
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
@@ -201,7 +209,11 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<ExitCode> {
     let stuck = async {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            if let Some(found) = coordinator.stuck_finalization(FINALIZE_PATIENCE) {
+            let stuck = coordinator
+                .stuck_finalizations(FINALIZE_PATIENCE)
+                .into_iter()
+                .find(|(run, _)| !earlier_failures.iter().any(|(earlier, _)| earlier == run));
+            if let Some(found) = stuck {
                 return found;
             }
         }

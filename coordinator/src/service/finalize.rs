@@ -155,17 +155,23 @@ impl Coordinator {
         done
     }
 
-    /// A terminal run whose finalization has failed on every try for longer
+    /// Terminal runs whose finalization has failed on every try for longer
     /// than `patience`, with the last error: what a one-shot command (the
     /// embedded `submit`) reports instead of waiting for ever. A server
     /// keeps retrying.
-    pub fn stuck_finalization(&self, patience: std::time::Duration) -> Option<(RunId, String)> {
+    pub fn stuck_finalizations(&self, patience: std::time::Duration) -> Vec<(RunId, String)> {
         self.finalize_failures
             .lock()
             .expect("failures lock")
             .iter()
-            .find(|(_, (since, _))| since.elapsed() > patience)
+            .filter(|(_, (since, _))| since.elapsed() >= patience)
             .map(|(run, (_, error))| (*run, error.clone()))
+            .collect()
+    }
+
+    /// Every terminal run whose last finalization failed, with the error.
+    pub fn failing_finalizations(&self) -> Vec<(RunId, String)> {
+        self.stuck_finalizations(std::time::Duration::ZERO)
     }
 
     /// Promotes every accepted attempt of a terminal run, deletes all
