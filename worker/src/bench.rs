@@ -301,7 +301,6 @@ fn reset_peak_memory() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-/// Runs the transformers reference on the same shapes and reads its JSON.
 /// What the transformers reference runs: our device kind, dtype and shapes.
 struct ReferenceShape<'a> {
     device: &'static str,
@@ -311,6 +310,7 @@ struct ReferenceShape<'a> {
     batch_sizes: &'a [usize],
 }
 
+/// Runs the transformers reference on the same shapes and reads its JSON.
 fn run_transformers(
     reference: &TransformersBench,
     shape: &ReferenceShape<'_>,
