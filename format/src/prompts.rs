@@ -124,7 +124,7 @@ pub enum PromptError {
     #[error("empty prompt text: pass a non-empty --prompt")]
     EmptySingle,
 
-    #[error("unsafe {kind} {}{}: {reason}", shorten(.value), in_origin(.origin.as_deref()))]
+    #[error("unsafe {kind} {}{}: {reason}", quote_short(.value), in_origin(.origin.as_deref()))]
     UnsafeName {
         kind: String,
         value: String,
@@ -289,8 +289,9 @@ fn unsafe_name(kind: &str, value: &str, origin: Option<String>, reason: &str) ->
 }
 
 /// Quotes `value` for a message (escaping control characters) and cuts very
-/// long values so one bad id cannot flood the log.
-fn shorten(value: &str) -> String {
+/// long values so one bad name cannot flood the log. The store's key checks
+/// use it too.
+pub fn quote_short(value: &str) -> String {
     const MAX_CHARS: usize = 60;
     if value.chars().count() <= MAX_CHARS {
         format!("{value:?}")

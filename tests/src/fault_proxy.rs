@@ -143,10 +143,6 @@ impl FaultProxy {
         self.mode.store(mode.encode(), Ordering::Relaxed);
     }
 
-    pub fn mode(&self) -> ProxyMode {
-        ProxyMode::decode(self.mode.load(Ordering::Relaxed))
-    }
-
     /// Cuts made by outages: open connections cut (once or twice each, by
     /// the direction that noticed) plus new connections closed at once.
     pub fn cut_count(&self) -> u64 {

@@ -35,14 +35,13 @@ impl Coordinator {
     /// completion, with the keys it recorded). Errors are logged; the
     /// finalizer repeats the promotion.
     pub(crate) async fn promote_job(&self, run: RunId, job: JobId, attempt: i32, keys: &[&str]) {
-        let result = async {
-            let store = self.run_store_of(run).await.map_err(|e| e.to_string())?;
-            store
-                .promote(&job.to_string(), attempt_number(attempt), keys)
-                .await
-                .map_err(|e| e.to_string())
-        }
-        .await;
+        let result = self
+            .on_run_store(run, |store| async move {
+                store
+                    .promote(&job.to_string(), attempt_number(attempt), keys)
+                    .await
+            })
+            .await;
         if let Err(error) = result {
             warn!(%run, %job, attempt, error, "promotion failed; the finalizer will retry it");
         }
@@ -70,14 +69,13 @@ impl Coordinator {
         if accepted {
             return;
         }
-        let result = async {
-            let store = self.run_store_of(run).await.map_err(|e| e.to_string())?;
-            store
-                .discard_attempt(&job.to_string(), attempt_number(attempt))
-                .await
-                .map_err(|e| e.to_string())
-        }
-        .await;
+        let result = self
+            .on_run_store(run, |store| async move {
+                store
+                    .discard_attempt(&job.to_string(), attempt_number(attempt))
+                    .await
+            })
+            .await;
         match result {
             Ok(0) => {}
             Ok(deleted) => {
@@ -105,11 +103,12 @@ impl Coordinator {
         };
         let mut deleted = 0;
         for run in runs {
-            let result = async {
-                let store = self.run_store_of(run).await.map_err(|e| e.to_string())?;
-                store.discard_all_staging().await.map_err(|e| e.to_string())
-            }
-            .await;
+            let result = self
+                .on_run_store(
+                    run,
+                    |store| async move { store.discard_all_staging().await },
+                )
+                .await;
             match result {
                 Ok(0) => {}
                 Ok(n) => {
@@ -120,6 +119,17 @@ impl Coordinator {
             }
         }
         deleted
+    }
+
+    /// Runs `work` on the run's store; either failure as a message (what
+    /// the promotion, discard and sweep paths log).
+    async fn on_run_store<T, F, Fut>(&self, run: RunId, work: F) -> Result<T, String>
+    where
+        F: FnOnce(capture_worker::store::RunStore) -> Fut,
+        Fut: std::future::Future<Output = Result<T, capture_worker::store::StoreError>>,
+    {
+        let store = self.run_store_of(run).await.map_err(|e| e.to_string())?;
+        work(store).await.map_err(|e| e.to_string())
     }
 
     /// Finalizes every terminal run that is not yet, repairing whatever a

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use super::keys::quote_short;
+use capture_format::prompts::quote_short;
 
 /// Everything that can go wrong while opening a store or moving artifacts.
 ///

@@ -2,6 +2,8 @@
 //! names, run and job ids, attempt numbers and the relative artifact keys
 //! below a run root. Every check runs before any I/O.
 
+use capture_format::prompts::quote_short;
+
 use super::error::StoreError;
 
 /// Longest single path part (file systems allow 255; ids and names are short).
@@ -145,18 +147,6 @@ fn relative_key_problem(key: &str, usage: KeyUse) -> Option<String> {
         ));
     }
     None
-}
-
-/// Quotes `value` for a message (escaping control characters) and cuts very
-/// long values so one bad name cannot flood the log.
-pub(crate) fn quote_short(value: &str) -> String {
-    const MAX_CHARS: usize = 60;
-    if value.chars().count() <= MAX_CHARS {
-        format!("{value:?}")
-    } else {
-        let head: String = value.chars().take(MAX_CHARS).collect();
-        format!("{head:?}...")
-    }
 }
 
 #[cfg(test)]
