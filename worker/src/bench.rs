@@ -18,6 +18,7 @@ use crate::capture::{
 };
 use crate::error::{CaptureError, Result};
 use crate::loader::{DeviceArg, dtype_name};
+use crate::model::weights::keeps_bf16;
 use crate::model::{Gemma2, Gemma2Config, Weights};
 use crate::pt::{StoreDtype, encode_pt};
 use crate::run::peak_resident_memory;
@@ -31,6 +32,9 @@ pub struct BenchOptions {
     pub internals_layer: usize,
     pub device: DeviceArg,
     pub compute_dtype: Option<DType>,
+    /// Storage dtype of the weight matrices (none: what loading the released
+    /// bf16 checkpoint gives, see `weights::keeps_bf16`).
+    pub weight_dtype: Option<DType>,
     pub repeats: usize,
     /// Batch sizes of the batched residual workloads (none: skip them).
     pub batch_sizes: Vec<usize>,
@@ -94,6 +98,8 @@ fn one() -> usize {
 pub struct BenchReport {
     pub device: String,
     pub compute_dtype: String,
+    /// Storage dtype of the weight matrices.
+    pub weight_dtype: String,
     pub threads: usize,
     pub prompt_tokens: usize,
     pub new_tokens: usize,
@@ -107,15 +113,31 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
     let dtype = options
         .compute_dtype
         .unwrap_or_else(|| options.device.default_dtype());
+    let matrices = options
+        .weight_dtype
+        .unwrap_or(if keeps_bf16(DType::BF16, dtype, &device) {
+            DType::BF16
+        } else {
+            dtype
+        });
+    if matrices != dtype && !keeps_bf16(matrices, dtype, &device) {
+        return Err(CaptureError::InvalidArgument(format!(
+            "--weights {} with compute dtype {} on {}: matrices are stored in the compute dtype, or in bf16 on the CPU computing in f32",
+            dtype_name(matrices),
+            dtype_name(dtype),
+            options.device
+        )));
+    }
     let cfg = &options.config;
     log(&format!(
-        "building random weights: {} layers, hidden {}, vocab {}, {}",
+        "building random weights: {} layers, hidden {}, vocab {}, compute {}, matrices stored in {}",
         cfg.num_hidden_layers,
         cfg.hidden_size,
         cfg.vocab_size,
-        dtype_name(dtype)
+        dtype_name(dtype),
+        dtype_name(matrices)
     ));
-    let weights = Weights::random(cfg, 0.02, 0, dtype, &device)?;
+    let weights = Weights::random(cfg, 0.02, 0, dtype, matrices, &device)?;
     let model = Gemma2::new(cfg, &weights)?;
     drop(weights);
     let prompt: Vec<u32> = std::iter::once(cfg.bos_token_id)
@@ -287,6 +309,7 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
     Ok(BenchReport {
         device: options.device.to_string(),
         compute_dtype: dtype_name(dtype).into(),
+        weight_dtype: dtype_name(matrices).into(),
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         prompt_tokens: prompt.len(),
         new_tokens: options.new_tokens,
@@ -380,10 +403,15 @@ impl BenchReport {
             fair(batch).map_or("—".to_string(), |f| format!("{:.2}x", f / seconds))
         };
         let mut out = format!(
-            "device {}, compute {}, {} threads, {}-token prompt, {} new tokens\n\n\
+            "device {}, compute {}, weights {}, {} threads, {}-token prompt, {} new tokens\n\n\
              | workload | batch | s / generated token | captured tokens / s | peak memory | overhead vs plain | assembly + encode per prompt (s) | speed vs transformers KV cache + hooks |\n\
              |---|---|---|---|---|---|---|---|\n",
-            self.device, self.compute_dtype, self.threads, self.prompt_tokens, self.new_tokens
+            self.device,
+            self.compute_dtype,
+            self.weight_dtype,
+            self.threads,
+            self.prompt_tokens,
+            self.new_tokens
         );
         for row in &self.rows {
             let rate = if row.captured_tokens_per_second > 0.0 {
@@ -482,6 +510,7 @@ mod tests {
         let mut report = BenchReport {
             device: "cpu".into(),
             compute_dtype: "f32".into(),
+            weight_dtype: "bf16".into(),
             threads: 2,
             prompt_tokens: 30,
             new_tokens: 20,

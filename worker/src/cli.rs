@@ -277,6 +277,9 @@ pub struct BenchArgs {
     pub device: DeviceArg,
     #[arg(long, value_parser = parse_compute_dtype)]
     pub dtype: Option<DType>,
+    /// Storage dtype of the random weight matrices, f32 or bf16; by default what loading the released (bf16) gemma-2-2b-it gives: bf16 on the CPU computing in f32 (widened exactly on the fly, half the bytes per step), else the compute dtype
+    #[arg(long, value_parser = parse_compute_dtype)]
+    pub weights: Option<DType>,
     /// Batch sizes of the batched residual-capture workloads, comma-separated (1 alone: none)
     #[arg(long, value_delimiter = ',', default_value = "4,16")]
     pub batch_sizes: Vec<usize>,
@@ -332,6 +335,7 @@ impl BenchArgs {
             internals_layer: self.layer,
             device: self.device,
             compute_dtype: self.dtype,
+            weight_dtype: self.weights,
             repeats: self.repeats.max(1),
             batch_sizes: self.batch_sizes.clone(),
             transformers: self.compare_transformers.then(|| TransformersBench {

@@ -177,3 +177,77 @@ pub(super) fn batched_equals_one_at_a_time(meta: &ModelMeta, model: &Gemma2) {
         assert_traces_close(&format!("item {i}"), &batched[i], &alone);
     }
 }
+
+/// The tiny fixture re-saved the way Gemma-2 is released (every tensor in
+/// bf16), in a temporary checkpoint directory.
+fn tiny_bf16_checkpoint() -> (tempfile::TempDir, ModelMeta) {
+    let (meta, _) = tiny_on(&Device::Cpu, DType::F32);
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&meta.files.dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let mut tensors = std::collections::HashMap::new();
+    for file in &meta.files.safetensors {
+        for (name, t) in candle_core::safetensors::load(file, &Device::Cpu).unwrap() {
+            tensors.insert(name, t.to_dtype(DType::BF16).unwrap());
+        }
+    }
+    candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();
+    let meta = ModelMeta::load(&ModelSource::new(dir.path().to_str().unwrap())).unwrap();
+    (dir, meta)
+}
+
+#[test]
+fn bf16_stored_weights_capture_what_their_f32_widening_captures() {
+    use crate::model::Weights;
+    let (_dir, meta) = tiny_bf16_checkpoint();
+    let files = &meta.files.safetensors;
+    // Computing in f32 on the CPU keeps the released bf16 matrices as they
+    // are; computing in bf16 has nothing to keep apart.
+    let kept = Weights::from_safetensors(files, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(kept.matrix_dtype(), DType::BF16);
+    let bf16 = Weights::from_safetensors(files, DType::BF16, &Device::Cpu).unwrap();
+    assert_eq!(bf16.matrix_dtype(), DType::BF16);
+    let widened = kept.with_matrices_in(DType::F32).unwrap();
+    assert_eq!(widened.matrix_dtype(), DType::F32);
+
+    let model = meta.load_model(&Device::Cpu, DType::F32).unwrap();
+    assert_eq!(model.matrix_dtype(), DType::BF16);
+    let reference = Gemma2::new(&meta.config, &widened).unwrap();
+    assert_eq!(reference.matrix_dtype(), DType::F32);
+    let encode = |text: &str| meta.tokenizer.encode_prompt(text).unwrap();
+    let (short, long) = (
+        encode("Hi"),
+        encode("Write a long and careful answer about bridges, tunnels and their builders."),
+    );
+    let greedy = Sampling::Greedy;
+    let generate = |prompt_key| ResponsePlan::Generate {
+        sampling: &greedy,
+        max_new_tokens: 6,
+        eos_ids: &[],
+        prompt_key,
+    };
+    let items = [
+        BatchItem {
+            prompt_ids: &long,
+            plan: generate("t/1"),
+        },
+        BatchItem {
+            prompt_ids: &short,
+            plan: generate("t/2"),
+        },
+    ];
+    let request = everything(meta.config.num_hidden_layers);
+    // Batched (several vectors per product) and alone (one vector per decode
+    // step): both kernel shapes against the f32 GEMM path.
+    let ours = capture_batch(&model, &items, &request, &mut |_| {}).unwrap();
+    let theirs = capture_batch(&reference, &items, &request, &mut |_| {}).unwrap();
+    for (i, item) in items.iter().enumerate() {
+        assert_traces_close(&format!("batched item {i}"), &ours[i], &theirs[i]);
+        let alone = capture_prompt(&model, item.prompt_ids, &request, item.plan, &mut || {});
+        assert_traces_close(&format!("item {i} alone"), &alone.unwrap(), &theirs[i]);
+    }
+}

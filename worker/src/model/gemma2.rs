@@ -9,8 +9,8 @@ use candle_nn::Embedding;
 
 use super::cache::{KvCache, PassLayout};
 use super::config::{Gemma2Config, LayerKind};
-use super::matvec;
 use super::weights::Weights;
+use super::{bf16_weights, matvec};
 
 /// What one layer records during a pass.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -126,12 +126,15 @@ impl Linear {
 const WEIGHT_LEFT_MAX_ROWS: usize = 128;
 
 /// `x @ w^T` for `x` `[n, in]` and row-major `w` `[out, in]`, returning
-/// `[n, out]`: one vector (a batch-1 decode step) through the streaming
+/// `[n, out]`: bf16-stored weights through [`bf16_weights`]; otherwise one
+/// vector (a batch-1 decode step) through the streaming
 /// [`matvec::row_dot`] on the CPU, a few through `W @ X^T`, many (prompt
 /// passes) through `X @ W^T`.
 fn project(w: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
     let n = x.dim(0)?;
-    if matvec::applies(x, w) {
+    if bf16_weights::applies(x, w) {
+        bf16_weights::project(x, w)
+    } else if matvec::applies(x, w) {
         matvec::row_dot(x, w)
     } else if n <= WEIGHT_LEFT_MAX_ROWS {
         w.matmul(&x.t()?)?.t()?.contiguous()
@@ -450,8 +453,15 @@ impl Gemma2 {
         &self.device
     }
 
+    /// The compute dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The dtype the weight matrices are kept in: the compute dtype, or bf16
+    /// as stored (see `weights::keeps_bf16`).
+    pub fn matrix_dtype(&self) -> DType {
+        self.embedding_weight.dtype()
     }
 
     /// A fresh, empty cache for `batch` sequences.
@@ -500,7 +510,8 @@ impl Gemma2 {
             sliding_mask: cache.mask(&layout, Some(self.cfg.sliding_window), &self.device)?,
             layout: &layout,
         };
-        let xs = self.embed_tokens.forward(&ids)?;
+        // The embedding may be stored in bf16 (see `weights::keeps_bf16`).
+        let xs = self.embed_tokens.forward(&ids)?.to_dtype(self.dtype)?;
         let normalizer = Tensor::new(&[(self.cfg.hidden_size as f32).sqrt()], &self.device)?
             .to_dtype(self.dtype)?;
         let mut xs = xs.broadcast_mul(&normalizer)?;

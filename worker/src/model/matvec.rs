@@ -37,11 +37,15 @@ pub fn row_dot(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op2_no_bwd(w, &RowDot)
 }
 
-fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
+/// The elements of a contiguous CPU operand of a custom op.
+pub(super) fn contiguous<'a, T: candle_core::WithDType>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [T]> {
+    let data = storage.as_slice::<T>()?;
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("row_dot needs contiguous operands"),
+        None => candle_core::bail!("matrix-vector kernels need contiguous operands"),
     }
 }
 
@@ -65,8 +69,8 @@ impl CustomOp2 for RowDot {
         if k != k_w {
             candle_core::bail!("row_dot: x has {k} columns, the weight {k_w}");
         }
-        let x = contiguous(x, x_layout)?;
-        let w = contiguous(w, w_layout)?;
+        let x = contiguous::<f32>(x, x_layout)?;
+        let w = contiguous::<f32>(w, w_layout)?;
         let mut y = vec![0f32; out];
         y.par_chunks_mut(ROWS_PER_TASK)
             .enumerate()
@@ -111,11 +115,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use candle_core::Device;
 
-    fn random(shape: (usize, usize), seed: u64) -> Tensor {
+    /// Deterministic values in [-1, 1).
+    pub(in crate::model) fn random(shape: (usize, usize), seed: u64) -> Tensor {
         let n = shape.0 * shape.1;
         let data: Vec<f32> = (0..n)
             .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0)
@@ -133,14 +138,6 @@ mod tests {
             let ours = row_dot(&x, &w).unwrap();
             let gemm = x.matmul(&w.t().unwrap()).unwrap();
             assert_eq!(ours.dims(), &[1, 130]);
-            let max_abs = |t: &Tensor| {
-                t.abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            };
             let scale = max_abs(&gemm);
             let diff = max_abs(&(ours - gemm).unwrap());
             assert!(
@@ -148,6 +145,28 @@ mod tests {
                 "{cols} columns: difference {diff} at scale {scale}"
             );
         }
+    }
+
+    /// Milliseconds per call of `f`, the best of 20 after a warm-up call.
+    pub(in crate::model) fn time(f: &dyn Fn() -> Tensor) -> f64 {
+        f();
+        (0..20)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                f();
+                start.elapsed().as_secs_f64() * 1e3
+            })
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    /// The largest absolute value of `t`.
+    pub(in crate::model) fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     #[test]
@@ -179,14 +198,6 @@ mod tests {
         let w = random((9216, 2304), 1);
         for n in [1, 2, 4, 16, 64] {
             let x = random((n, 2304), 2);
-            let time = |f: &dyn Fn() -> Tensor| {
-                f();
-                let start = std::time::Instant::now();
-                for _ in 0..20 {
-                    f();
-                }
-                start.elapsed().as_secs_f64() / 20.0 * 1e3
-            };
             let ours = if n == 1 {
                 time(&|| row_dot(&x, &w).unwrap())
             } else {

@@ -1,5 +1,6 @@
 //! The hooked Gemma-2 model: configuration, weights and the forward pass.
 
+pub mod bf16_weights;
 pub mod cache;
 pub mod config;
 pub mod gemma2;

@@ -11,7 +11,9 @@ use rand_chacha::ChaCha8Rng;
 use super::config::Gemma2Config;
 use crate::error::{CaptureError, Result};
 
-/// Named tensors in the model's compute dtype, on its device.
+/// Named tensors on the model's device: vectors (norms) in the compute
+/// dtype, matrices (projections, embedding) in the compute dtype or kept in
+/// bf16 (see [`keeps_bf16`]).
 #[derive(Debug)]
 pub struct Weights {
     tensors: HashMap<String, Tensor>,
@@ -21,9 +23,18 @@ pub struct Weights {
     device: Device,
 }
 
+/// Whether a matrix stored in `stored` stays in it when computing in
+/// `compute` on `device`: bf16 matrices on a CPU computing in f32 do, since
+/// the CPU kernels widen them exactly on the fly (`bf16_weights`), which
+/// halves the bytes each decode step reads. Everything else is converted.
+pub fn keeps_bf16(stored: DType, compute: DType, device: &Device) -> bool {
+    stored == DType::BF16 && compute == DType::F32 && device.is_cpu()
+}
+
 impl Weights {
     /// Loads every tensor of the given safetensors files (one file or all the
-    /// shards of an index), converted to `dtype`.
+    /// shards of an index), converted to `dtype`, except bf16 matrices that
+    /// [`keeps_bf16`] keeps as stored.
     pub fn from_safetensors(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
         let mut tensors = HashMap::new();
         for file in files {
@@ -45,7 +56,13 @@ impl Weights {
                 } else {
                     format!("model.{name}")
                 };
-                tensors.insert(name, tensor.to_dtype(dtype)?);
+                let keep = tensor.rank() == 2 && keeps_bf16(tensor.dtype(), dtype, device);
+                let tensor = if keep {
+                    tensor
+                } else {
+                    tensor.to_dtype(dtype)?
+                };
+                tensors.insert(name, tensor);
             }
         }
         let origin = match files {
@@ -66,12 +83,14 @@ impl Weights {
 
     /// Random weights with the shapes of `cfg` (benchmarks and tests):
     /// uniform with standard deviation `std`, norms around zero; the same
-    /// `seed` gives the same weights.
+    /// `seed` gives the same weights. Matrices are stored in `matrices`
+    /// (`dtype`, or bf16 like a released checkpoint), vectors in `dtype`.
     pub fn random(
         cfg: &Gemma2Config,
         std: f32,
         seed: u64,
         dtype: DType,
+        matrices: DType,
         device: &Device,
     ) -> Result<Self> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -81,7 +100,8 @@ impl Weights {
             let a = std * 3f32.sqrt();
             let numel = shape.iter().product();
             let values: Vec<f32> = (0..numel).map(|_| rng.random_range(-a..=a)).collect();
-            let t = Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?;
+            let stored = if shape.len() == 2 { matrices } else { dtype };
+            let t = Tensor::from_vec(values, shape, device)?.to_dtype(stored)?;
             tensors.insert(name, t);
             Ok(())
         };
@@ -146,8 +166,40 @@ impl Weights {
         Ok(tensor.clone())
     }
 
+    /// The compute dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The dtype the matrices are stored in (the compute dtype, or bf16).
+    pub fn matrix_dtype(&self) -> DType {
+        self.tensors
+            .values()
+            .find(|t| t.rank() == 2)
+            .map_or(self.dtype, Tensor::dtype)
+    }
+
+    /// The same weights with every matrix converted to `dtype` (tests:
+    /// bf16-stored matrices widened to f32 hold exactly the same values).
+    pub fn with_matrices_in(&self, dtype: DType) -> Result<Self> {
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|(name, t)| {
+                let t = if t.rank() == 2 {
+                    t.to_dtype(dtype)?
+                } else {
+                    t.clone()
+                };
+                Ok((name.clone(), t))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            tensors,
+            origin: self.origin.clone(),
+            dtype: self.dtype,
+            device: self.device.clone(),
+        })
     }
 
     pub fn device(&self) -> &Device {

@@ -247,6 +247,7 @@ async fn start(options: &PullOptions) -> Result<Worker, PullError> {
         model_revision = options.model.revision.as_deref().unwrap_or(""),
         device = %device,
         compute_dtype = dtype_name(dtype),
+        weight_dtype = dtype_name(engine.model.matrix_dtype()),
         layers = engine.meta.config.num_hidden_layers,
         coordinator = options.coordinator.url,
         store = %store.url(),
