@@ -26,9 +26,13 @@ pub struct Weights {
 /// Whether a matrix stored in `stored` stays in it when computing in
 /// `compute` on `device`: bf16 matrices on a CPU computing in f32 do, since
 /// the CPU kernels widen them exactly on the fly (`bf16_weights`), which
-/// halves the bytes each decode step reads. Everything else is converted.
+/// halves the bytes each decode step reads (on little-endian CPUs, which
+/// the kernel's pair trick assumes). Everything else is converted.
 pub fn keeps_bf16(stored: DType, compute: DType, device: &Device) -> bool {
-    stored == DType::BF16 && compute == DType::F32 && device.is_cpu()
+    cfg!(target_endian = "little")
+        && stored == DType::BF16
+        && compute == DType::F32
+        && device.is_cpu()
 }
 
 impl Weights {
