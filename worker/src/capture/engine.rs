@@ -151,16 +151,17 @@ pub fn capture_batch(
     request: &CaptureRequest,
     on_token: &mut dyn FnMut(usize),
 ) -> candle_core::Result<Vec<PromptTrace>> {
-    let new_traces = || -> Vec<LayerTrace> {
+    let new_traces = |item: &BatchItem<'_>| -> Vec<LayerTrace> {
+        let (prompt_len, max_steps) = (item.prompt_ids.len(), item.plan.max_steps());
         request
             .layers
             .iter()
             .enumerate()
             .filter(|(_, wants)| **wants != Default::default())
-            .map(|(layer, wants)| LayerTrace::new(layer, *wants))
+            .map(|(layer, wants)| LayerTrace::for_prompt(layer, *wants, prompt_len, max_steps))
             .collect()
     };
-    let mut layers: Vec<Vec<LayerTrace>> = items.iter().map(|_| new_traces()).collect();
+    let mut layers: Vec<Vec<LayerTrace>> = items.iter().map(new_traces).collect();
     let responses = run_steps(
         model,
         items,

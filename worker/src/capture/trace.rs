@@ -29,9 +29,15 @@ impl Rows {
         &self.data[start * self.width..end * self.width]
     }
 
-    fn push(&mut self, tensor: &Tensor) -> candle_core::Result<()> {
+    /// Appends a pass's `[t, width]` rows; the first pass reserves room for
+    /// `expected` positions, so that later passes append without moving
+    /// (and page-faulting) everything recorded so far.
+    fn push(&mut self, tensor: &Tensor, expected: usize) -> candle_core::Result<()> {
         let (_, width) = tensor.dims2()?;
         self.width = width;
+        if self.data.is_empty() {
+            self.data.reserve_exact(expected * width);
+        }
         self.data.extend(to_host(tensor)?);
         Ok(())
     }
@@ -90,11 +96,18 @@ impl AttentionRows {
     }
 }
 
+/// Positions a trace reserves room for beyond the prompt: a long
+/// `--max-new-tokens` that ends early at an end token must not reserve
+/// gigabytes; longer responses grow the vectors as usual.
+const RESERVED_RESPONSE_POSITIONS: usize = 256;
+
 /// Everything recorded for one layer over all passes of one prompt.
 #[derive(Debug, Clone, Default)]
 pub struct LayerTrace {
     pub layer: usize,
     pub wants: LayerWants,
+    /// Positions the rows reserve room for at the first pass.
+    expected_positions: usize,
     pub residual_in: Rows,
     pub after_attn: Rows,
     pub residual_out: Rows,
@@ -116,6 +129,21 @@ impl LayerTrace {
         }
     }
 
+    /// A trace for a prompt of `prompt_len` tokens and up to `max_steps`
+    /// response tokens, reserving its rows up front (bounded by
+    /// [`RESERVED_RESPONSE_POSITIONS`]).
+    pub fn for_prompt(
+        layer: usize,
+        wants: LayerWants,
+        prompt_len: usize,
+        max_steps: usize,
+    ) -> Self {
+        Self {
+            expected_positions: prompt_len + max_steps.min(RESERVED_RESPONSE_POSITIONS),
+            ..Self::new(layer, wants)
+        }
+    }
+
     /// Copies one pass's records of this layer to the host.
     pub fn push(&mut self, record: &LayerRecord) -> candle_core::Result<()> {
         let pairs = [
@@ -131,7 +159,7 @@ impl LayerTrace {
         ];
         for (rows, tensor) in pairs {
             if let Some(tensor) = tensor {
-                rows.push(tensor)?;
+                rows.push(tensor, self.expected_positions)?;
             }
         }
         if let Some(t) = record
@@ -190,9 +218,13 @@ mod tests {
     #[test]
     fn rows_append_passes() {
         let mut rows = Rows::default();
-        rows.push(&Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap())
-            .unwrap();
-        rows.push(&Tensor::new(&[[5f32, 6.0]], &Device::Cpu).unwrap())
+        rows.push(
+            &Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap(),
+            4,
+        )
+        .unwrap();
+        assert!(rows.data.capacity() >= 8, "reserved for 4 positions");
+        rows.push(&Tensor::new(&[[5f32, 6.0]], &Device::Cpu).unwrap(), 4)
             .unwrap();
         assert_eq!(rows.positions(), 3);
         assert_eq!(rows.row(2), &[5.0, 6.0]);
