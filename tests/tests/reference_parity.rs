@@ -1,8 +1,14 @@
 //! The Rust engine against the transformers reference (eager attention, full
 //! recompute every step, as the original tool captured): every tensor of both
-//! modes for all six prompt sets, greedy and replayed, within 1e-4 in f32.
+//! modes for all six prompt sets, greedy and replayed, within 1e-4 in f32;
+//! and a checkpoint stored in bf16, as gemma-2-2b-it is released.
 
-use capture_tests::sandbox::{compare_captures, reference_capture, rust_capture, tiny_model};
+use std::path::Path;
+use std::process::Command;
+
+use capture_tests::sandbox::{
+    compare_captures, python, reference_capture, run_ok, rust_capture, tiny_model,
+};
 
 const SETS: [&str; 6] = [
     "single_trait",
@@ -13,28 +19,33 @@ const SETS: [&str; 6] = [
     "real_world",
 ];
 
+/// Captures `set` in residual mode and in internals mode of `layers`, with
+/// transformers into `reference` and with our worker into `ours`.
+fn capture_both_modes(
+    model: &Path,
+    set: &str,
+    max_new_tokens: &str,
+    layers: &str,
+    reference: &Path,
+    ours: &Path,
+) {
+    let common = ["--prompt-set", set, "--max-new-tokens", max_new_tokens];
+    let residual = [&common[..], &["--mode", "residual"]].concat();
+    let internals = [&common[..], &["--mode", "internals", "--layers", layers]].concat();
+    for args in [residual, internals] {
+        reference_capture(model, reference, &args);
+        rust_capture(model, ours, &args);
+    }
+}
+
 #[test]
 fn all_prompt_sets_match_transformers_in_both_modes() {
     let model = tiny_model();
     let reference = tempfile::tempdir().unwrap();
     let ours = tempfile::tempdir().unwrap();
     for set in SETS {
-        for (mode, layers) in [("residual", None), ("internals", Some("all"))] {
-            // 30 steps: long enough for the prompts that reach an end token
-            let mut args = vec![
-                "--prompt-set",
-                set,
-                "--mode",
-                mode,
-                "--max-new-tokens",
-                "30",
-            ];
-            if let Some(layers) = layers {
-                args.extend(["--layers", layers]);
-            }
-            reference_capture(&model, reference.path(), &args);
-            rust_capture(&model, ours.path(), &args);
-        }
+        // 30 steps: long enough for the prompts that reach an end token
+        capture_both_modes(&model, set, "30", "all", reference.path(), ours.path());
     }
     let report = compare_captures(
         reference.path(),
@@ -88,4 +99,52 @@ fn replayed_sampled_responses_match_transformers() {
         ours_internals.path(),
         &["--atol", "1e-4", "--expect-dtype", "f32"],
     );
+}
+
+/// The tiny fixture with every tensor stored in bf16 (the released
+/// gemma-2-2b-it's storage dtype), in a temporary checkpoint directory.
+fn tiny_model_in_bf16() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(tiny_model()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let convert = "import sys, torch\n\
+        from safetensors.torch import load_file, save_file\n\
+        tensors = load_file(sys.argv[1])\n\
+        save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, sys.argv[2], metadata={'format': 'pt'})\n";
+    run_ok(
+        Command::new(python())
+            .arg("-c")
+            .arg(convert)
+            .arg(tiny_model().join("model.safetensors"))
+            .arg(dir.path().join("model.safetensors")),
+    );
+    dir
+}
+
+/// Our f32 compute keeps bf16 matrices in bf16 and widens them in its own
+/// kernel; transformers loads them into f32. Both must capture the same.
+#[test]
+fn a_checkpoint_stored_in_bf16_matches_transformers_in_f32() {
+    let model = tiny_model_in_bf16();
+    let reference = tempfile::tempdir().unwrap();
+    let ours = tempfile::tempdir().unwrap();
+    let (set, steps) = ("adversarial", "12");
+    capture_both_modes(
+        model.path(),
+        set,
+        steps,
+        "0,3",
+        reference.path(),
+        ours.path(),
+    );
+    let report = compare_captures(
+        reference.path(),
+        ours.path(),
+        &["--atol", "1e-4", "--expect-dtype", "f32"],
+    );
+    println!("{report}");
 }
