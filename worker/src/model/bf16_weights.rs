@@ -124,24 +124,25 @@ impl SplitVectors {
 
 /// `y[j][o] = sum_i x[j][i] * w[o][i]`, returned row-major `[n, out]`.
 fn rows_times(x: &[f32], n: usize, w: &[bf16], out: usize, k: usize) -> Vec<f32> {
+    if n == 0 || out == 0 || k == 0 {
+        return vec![0f32; n * out];
+    }
     let split = SplitVectors::new(x, n, k);
     // Results per weight row (`[out, n]`) so that tasks own contiguous blocks.
     let mut by_row = vec![0f32; out * n];
-    if k > 0 {
-        by_row
-            .par_chunks_mut(ROWS_PER_TASK * n)
-            .enumerate()
-            .for_each(|(block, dst)| {
-                let first = block * ROWS_PER_TASK;
-                let rows = &w[first * k..(first + dst.len() / n) * k];
-                pulp::Arch::new().dispatch(Block {
-                    rows,
-                    k,
-                    split: &split,
-                    dst,
-                });
+    by_row
+        .par_chunks_mut(ROWS_PER_TASK * n)
+        .enumerate()
+        .for_each(|(block, dst)| {
+            let first = block * ROWS_PER_TASK;
+            let rows = &w[first * k..(first + dst.len() / n) * k];
+            pulp::Arch::new().dispatch(Block {
+                rows,
+                k,
+                split: &split,
+                dst,
             });
-    }
+        });
     if n == 1 {
         return by_row;
     }
@@ -385,6 +386,18 @@ mod tests {
             .unwrap();
         let diff = max_abs(&(ours - &gemm).unwrap()) / max_abs(&gemm);
         assert!(diff < 1e-5, "relative difference {diff}");
+    }
+
+    #[test]
+    fn empty_operands_give_empty_or_zero_products() {
+        let x = Tensor::zeros((0, 4), DType::F32, &Device::Cpu).unwrap();
+        let w = random((3, 4), 1).to_dtype(DType::BF16).unwrap();
+        assert_eq!(project(&x, &w).unwrap().dims(), &[0, 3]);
+        let x = Tensor::zeros((2, 0), DType::F32, &Device::Cpu).unwrap();
+        let w = Tensor::zeros((3, 0), DType::BF16, &Device::Cpu).unwrap();
+        let y = project(&x, &w).unwrap();
+        assert_eq!(y.dims(), &[2, 3]);
+        assert_eq!(max_abs(&y), 0.0);
     }
 
     #[test]
