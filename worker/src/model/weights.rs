@@ -176,6 +176,7 @@ impl Weights {
     }
 
     /// The dtype the matrices are stored in (the compute dtype, or bf16).
+    #[cfg(test)]
     pub fn matrix_dtype(&self) -> DType {
         self.tensors
             .values()
@@ -185,6 +186,7 @@ impl Weights {
 
     /// The same weights with every matrix converted to `dtype` (tests:
     /// bf16-stored matrices widened to f32 hold exactly the same values).
+    #[cfg(test)]
     pub fn with_matrices_in(&self, dtype: DType) -> Result<Self> {
         let tensors = self
             .tensors
