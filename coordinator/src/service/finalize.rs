@@ -186,16 +186,18 @@ impl Coordinator {
 
     /// Promotes every accepted attempt of a terminal run, deletes all
     /// staging, writes `manifest.json` and marks the run finalized.
+    ///
+    /// One task at a time per run: a second call while one is under way
+    /// returns an empty report. The claim is released however the call
+    /// ends, including when its future is dropped halfway (a completion
+    /// whose worker disconnected cancels the RPC handler that finalizes):
+    /// a claim left behind would make every later try, the sweep's
+    /// included, skip the run for ever.
     pub async fn finalize_run(&self, run: RunId) -> Result<FinalizeReport, String> {
-        if !self.finalizing.lock().expect("finalizing lock").insert(run) {
+        let Some(_claim) = FinalizingClaim::take(&self.finalizing, run) else {
             return Ok(FinalizeReport::default());
-        }
-        let result = self.finalize_run_once(run).await;
-        self.finalizing
-            .lock()
-            .expect("finalizing lock")
-            .remove(&run);
-        result
+        };
+        self.finalize_run_once(run).await
     }
 
     async fn finalize_run_once(&self, run: RunId) -> Result<FinalizeReport, String> {
@@ -258,6 +260,33 @@ impl Coordinator {
             "run finalized: manifest.json written"
         );
         Ok(report)
+    }
+}
+
+/// A run marked as being finalized, unmarked when dropped.
+struct FinalizingClaim<'a> {
+    runs: &'a std::sync::Mutex<std::collections::HashSet<RunId>>,
+    run: RunId,
+}
+
+impl<'a> FinalizingClaim<'a> {
+    /// None when another task holds the run.
+    fn take(
+        runs: &'a std::sync::Mutex<std::collections::HashSet<RunId>>,
+        run: RunId,
+    ) -> Option<Self> {
+        runs.lock()
+            .expect("finalizing lock")
+            .insert(run)
+            .then_some(Self { runs, run })
+    }
+}
+
+impl Drop for FinalizingClaim<'_> {
+    fn drop(&mut self) {
+        // A poisoned lock still holds the set: release the run anyway.
+        let mut runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
+        runs.remove(&self.run);
     }
 }
 
@@ -386,6 +415,30 @@ mod tests {
 
     use crate::queue::JobQueue;
     use crate::service::test_support::coordinator_with_run;
+
+    #[tokio::test]
+    async fn a_finalization_dropped_halfway_does_not_block_the_next() {
+        let test = coordinator_with_run("dropped", 1).await;
+        let (coordinator, run) = (&test.coordinator, test.run);
+        let queue = coordinator.queue();
+        let claimed = queue
+            .claim("worker-a", &test.model, std::time::Duration::from_secs(60))
+            .await
+            .unwrap()
+            .expect("the job");
+        queue
+            .fail(claimed.job.id, 1, "worker-a", "gave up", false)
+            .await
+            .unwrap();
+        // What a completion's RPC handler does when its worker disconnects:
+        // the finalization is polled, waits on the database, and is dropped.
+        let dropped =
+            tokio::time::timeout(std::time::Duration::ZERO, coordinator.finalize_run(run)).await;
+        assert!(dropped.is_err(), "the first try must stop halfway");
+        assert_eq!(queue.unfinalized_runs().await.unwrap(), vec![run]);
+        assert_eq!(coordinator.finalize_pending().await, 1);
+        assert!(queue.unfinalized_runs().await.unwrap().is_empty());
+    }
 
     #[tokio::test]
     async fn late_uploads_to_a_finalized_run_are_swept() {
