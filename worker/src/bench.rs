@@ -19,7 +19,7 @@ use crate::capture::{
 use crate::error::{CaptureError, Result};
 use crate::loader::{DeviceArg, dtype_name};
 use crate::model::weights::keeps_bf16;
-use crate::model::{Gemma2, Gemma2Config, Weights};
+use crate::model::{CaptureRequest, Gemma2, Gemma2Config, Weights};
 use crate::pt::{StoreDtype, encode_pt};
 use crate::run::peak_resident_memory;
 
@@ -63,6 +63,7 @@ pub struct BenchRow {
     pub captured_tokens_per_second: f64,
     /// Assembling and encoding the artifact(s), per prompt.
     pub encode_seconds: f64,
+    /// Time over plain generation at the same batch size, minus one.
     pub overhead_vs_plain: f64,
     /// Peak resident memory of the process during this workload.
     pub peak_memory_bytes: Option<u64>,
@@ -164,7 +165,7 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
         |batch: usize, seconds: f64| (batch * (prompt.len() + options.new_tokens)) as f64 / seconds;
 
     log("warm-up");
-    generate(&model, &prompt, plan, &mut || {})?;
+    let response = generate(&model, &prompt, plan, &mut || {})?;
 
     reset_peak_memory();
     let mut plain = f64::INFINITY;
@@ -230,8 +231,39 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
             peak_memory_bytes: peak_resident_memory(),
         });
     }
-    // Batches of distinct prompts of the same length.
+    // Teacher forcing on the response just generated: the same passes and
+    // records, without the LM head.
     let request = CaptureMode::Residual.request(cfg.num_hidden_layers);
+    reset_peak_memory();
+    let mut best = f64::INFINITY;
+    for _ in 0..options.repeats {
+        let start = Instant::now();
+        let trace = capture_prompt(
+            &model,
+            &prompt,
+            &request,
+            ResponsePlan::Replay(&response),
+            &mut || {},
+        )?;
+        best = best.min(start.elapsed().as_secs_f64());
+        debug_assert_eq!(trace.response_ids, response);
+    }
+    let name = "residual capture, all layers, teacher-forced (replay)";
+    log(&format!("{name}: {:.3} s/token", per_token(best)));
+    rows.push(BenchRow {
+        workload: name.into(),
+        batch: 1,
+        seconds_per_token: per_token(best),
+        captured_tokens_per_second: captured_rate(1, best),
+        // The same artifact as the generating residual capture's.
+        encode_seconds: rows
+            .iter()
+            .find(|row| row.workload.starts_with("residual capture"))
+            .map_or(0.0, |row| row.encode_seconds),
+        overhead_vs_plain: best / plain - 1.0,
+        peak_memory_bytes: peak_resident_memory(),
+    });
+    // Batches of distinct prompts of the same length.
     for &batch in options.batch_sizes.iter().filter(|&&b| b > 1) {
         let prompts: Vec<Vec<u32>> = (0..batch as u32)
             .map(|i| {
@@ -262,6 +294,27 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
                 },
             })
             .collect();
+        // The same batch without capture: what capture adds at this batch.
+        reset_peak_memory();
+        let mut plain_batch = f64::INFINITY;
+        for _ in 0..options.repeats {
+            let start = Instant::now();
+            capture_batch(&model, &items, &CaptureRequest::default(), &mut |_| {})?;
+            plain_batch = plain_batch.min(start.elapsed().as_secs_f64());
+        }
+        let plain_per_token = plain_batch / (batch * options.new_tokens) as f64;
+        log(&format!(
+            "plain generation, batch of {batch}: {plain_per_token:.4} s/token"
+        ));
+        rows.push(BenchRow {
+            workload: format!("plain generation, batch of {batch}"),
+            batch,
+            seconds_per_token: plain_per_token,
+            captured_tokens_per_second: 0.0,
+            encode_seconds: 0.0,
+            overhead_vs_plain: 0.0,
+            peak_memory_bytes: peak_resident_memory(),
+        });
         reset_peak_memory();
         let mut best = f64::INFINITY;
         let mut encode = f64::INFINITY;
@@ -285,7 +338,7 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
             seconds_per_token,
             captured_tokens_per_second: captured_rate(batch, best),
             encode_seconds: encode,
-            overhead_vs_plain: seconds_per_token / per_token(plain) - 1.0,
+            overhead_vs_plain: seconds_per_token / plain_per_token - 1.0,
             peak_memory_bytes: peak_resident_memory(),
         });
     }

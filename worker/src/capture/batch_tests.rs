@@ -251,3 +251,39 @@ fn bf16_stored_weights_capture_what_their_f32_widening_captures() {
         assert_traces_close(&format!("item {i} alone"), &alone.unwrap(), &theirs[i]);
     }
 }
+
+#[test]
+fn a_pass_that_skips_the_head_records_what_a_pass_with_logits_records() {
+    use crate::model::Head;
+    let (meta, model) = tiny_on(&Device::Cpu, DType::F32);
+    let encode = |text: &str| meta.tokenizer.encode_prompt(text).unwrap();
+    let prompts = [encode("Hi"), encode("A longer prompt about rivers")];
+    let inputs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let request = everything(meta.config.num_hidden_layers);
+    let (mut with_cache, mut without_cache) = (model.new_cache(2), model.new_cache(2));
+    let with = model
+        .forward_batch(&inputs, &mut with_cache, &request, Head::Logits)
+        .unwrap();
+    let without = model
+        .forward_batch(&inputs, &mut without_cache, &request, Head::Skip)
+        .unwrap();
+    assert_eq!(
+        with.logits.as_ref().unwrap().dims(),
+        &[2, meta.config.vocab_size]
+    );
+    assert!(without.logits.is_none());
+    for row in 0..2 {
+        let (a, b) = (with.sequence(row).unwrap(), without.sequence(row).unwrap());
+        for (x, y) in a.iter().zip(&b) {
+            let flat = |t: &Option<candle_core::Tensor>| {
+                t.as_ref()
+                    .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            };
+            assert_eq!(flat(&x.residual_out), flat(&y.residual_out));
+            assert_eq!(flat(&x.attention_heads), flat(&y.attention_heads));
+        }
+    }
+    for (row, prompt) in prompts.iter().enumerate() {
+        assert_eq!(without_cache.positions(row), prompt.len());
+    }
+}

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::decode::{Sampling, TokenChooser};
 use super::trace::{LayerTrace, PromptTrace};
-use crate::model::{BatchOutput, CaptureRequest, Gemma2, KvCache, LayerRecord};
+use crate::model::{BatchOutput, CaptureRequest, Gemma2, Head, KvCache, LayerRecord};
 
 /// Where the response tokens come from.
 #[derive(Debug, Clone, Copy)]
@@ -41,17 +41,31 @@ pub struct BatchItem<'a> {
     pub plan: ResponsePlan<'a>,
 }
 
+/// Whether a pass over `running` items needs the logits: not when every
+/// one of them replays its response.
+fn head_for(items: &[BatchItem<'_>], running: &[usize]) -> Head {
+    if running
+        .iter()
+        .all(|&i| matches!(items[i].plan, ResponsePlan::Replay(_)))
+    {
+        Head::Skip
+    } else {
+        Head::Logits
+    }
+}
+
 /// Runs the steps of every item's plan in lock step: one pass over the
 /// padded prompts, then one decode pass per step over the sequences still
 /// running; a sequence leaves the batch (and the cache) once its plan is done.
-/// `pass` gets the tokens to append per running sequence, the cache and the
-/// running sequences' item indices, and returns `[running, vocab]` logits on
-/// the host; `on_token` runs after each response token with its item index.
+/// `pass` gets the tokens to append per running sequence, the cache, the
+/// running sequences' item indices and whether logits are needed
+/// ([`head_for`]), and returns `[running, vocab]` logits on the host if so;
+/// `on_token` runs after each response token with its item index.
 /// Returns every item's response ids.
 fn run_steps(
     model: &Gemma2,
     items: &[BatchItem<'_>],
-    mut pass: impl FnMut(&[&[u32]], &mut KvCache, &[usize]) -> candle_core::Result<Tensor>,
+    mut pass: impl FnMut(&[&[u32]], &mut KvCache, &[usize], Head) -> candle_core::Result<Option<Tensor>>,
     on_token: &mut dyn FnMut(usize),
 ) -> candle_core::Result<Vec<Vec<u32>>> {
     let mut choosers: Vec<Option<TokenChooser>> = items
@@ -79,16 +93,18 @@ fn run_steps(
     let mut cache = model.new_cache(running.len());
     while !running.is_empty() {
         let tokens: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
-        let logits = pass(&tokens, &mut cache, &running)?;
+        let logits = pass(&tokens, &mut cache, &running, head_for(items, &running))?;
         let mut keep = Vec::with_capacity(running.len());
         let mut next_inputs = Vec::with_capacity(running.len());
         for (row, &i) in running.iter().enumerate() {
             let step = responses[i].len();
-            let token = match (&items[i].plan, choosers[i].as_mut()) {
-                (ResponsePlan::Replay(ids), _) => ids[step],
-                (_, Some(chooser)) => chooser.choose(&logits.get(row)?.to_vec1::<f32>()?),
-                (ResponsePlan::Generate { .. }, None) => {
-                    unreachable!("a generate plan has a chooser")
+            let token = match (&items[i].plan, choosers[i].as_mut(), &logits) {
+                (ResponsePlan::Replay(ids), _, _) => ids[step],
+                (_, Some(chooser), Some(logits)) => {
+                    chooser.choose(&logits.get(row)?.to_vec1::<f32>()?)
+                }
+                (ResponsePlan::Generate { .. }, _, _) => {
+                    unreachable!("a generate plan has a chooser and its passes compute logits")
                 }
             };
             responses[i].push(token);
@@ -121,7 +137,7 @@ pub fn generate(
     let mut responses = run_steps(
         model,
         &items,
-        |tokens, cache, _| Ok(host(model.forward_batch(tokens, cache, &none)?)?.logits),
+        |tokens, cache, _, head| Ok(host(model.forward_batch(tokens, cache, &none, head)?)?.logits),
         &mut |_| on_token(),
     )?;
     Ok(responses.remove(0))
@@ -165,8 +181,8 @@ pub fn capture_batch(
     let responses = run_steps(
         model,
         items,
-        |tokens, cache, running| {
-            let out = host(model.forward_batch(tokens, cache, request)?)?;
+        |tokens, cache, running, head| {
+            let out = host(model.forward_batch(tokens, cache, request, head)?)?;
             for (row, &i) in running.iter().enumerate() {
                 record_pass(&mut layers[i], &out.sequence(row)?)?;
             }
@@ -190,7 +206,7 @@ pub fn capture_batch(
 /// in f32). Off the CPU everything goes in one transfer: each copy from a GPU
 /// synchronises, and a residual pass records 78 tensors.
 fn host(out: BatchOutput) -> candle_core::Result<BatchOutput> {
-    if out.logits.device().is_cpu() {
+    if out.device().is_cpu() {
         out.map_tensors(|t| t.to_dtype(DType::F32))
     } else {
         gather_to_host(out)
@@ -205,6 +221,10 @@ fn gather_to_host(out: BatchOutput) -> candle_core::Result<BatchOutput> {
         flat.push(t.to_dtype(DType::F32)?.flatten_all()?);
         Ok(t.clone())
     })?;
+    if flat.is_empty() {
+        // Neither logits nor records (a replayed pass capturing nothing).
+        return Ok(out);
+    }
     let all = Tensor::cat(&flat, 0)?.to_device(&Device::Cpu)?;
     let mut offset = 0;
     out.map_tensors(|t| {
@@ -260,7 +280,8 @@ mod tests {
         let expected = out.clone().map_tensors(|t| t.to_dtype(DType::F32)).unwrap();
         let gathered = gather_to_host(out).unwrap();
         let values = |o: &BatchOutput| {
-            let mut all = vec![o.logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()];
+            let logits = o.logits.as_ref().expect("logits");
+            let mut all = vec![logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()];
             for r in &o.records {
                 for x in [&r.residual_in, &r.attention_heads, &r.gelu]
                     .into_iter()

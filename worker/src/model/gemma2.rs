@@ -474,17 +474,20 @@ impl Gemma2 {
     /// `[vocab]`.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
         let none = CaptureRequest::default();
-        self.forward_batch(&[tokens], cache, &none)?.logits.i(0)
+        let out = self.forward_batch(&[tokens], cache, &none, Head::Logits)?;
+        out.logits.expect("logits were asked for").i(0)
     }
 
     /// One pass over a batch: appends `tokens[i]` to sequence `i` of `cache`
-    /// (any lengths, at least one token each) and returns each sequence's
-    /// last-position logits and the tensors `request` asks for.
+    /// (any lengths, at least one token each) and returns what `head` asks
+    /// for at each sequence's last position and the tensors `request` asks
+    /// for.
     pub fn forward_batch(
         &self,
         tokens: &[&[u32]],
         cache: &mut KvCache,
         request: &CaptureRequest,
+        head: Head,
     ) -> candle_core::Result<BatchOutput> {
         let lens: Vec<usize> = tokens.iter().map(|t| t.len()).collect();
         let layout = cache.layout(&lens)?;
@@ -523,13 +526,19 @@ impl Gemma2 {
             records.push(record);
         }
         drop(pass);
-        // Left padding puts every sequence's last token in the last column.
-        let last = xs.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?;
-        let last = self.norm.forward(&last)?;
-        let logits = project(&self.embedding_weight, &last)?.to_dtype(DType::F32)?;
-        let logits = match self.cfg.final_logit_softcapping {
-            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
-            None => logits,
+        let logits = match head {
+            Head::Skip => None,
+            Head::Logits => {
+                // Left padding puts every sequence's last token in the last
+                // column.
+                let last = xs.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?;
+                let last = self.norm.forward(&last)?;
+                let logits = project(&self.embedding_weight, &last)?.to_dtype(DType::F32)?;
+                Some(match self.cfg.final_logit_softcapping {
+                    Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+                    None => logits,
+                })
+            }
         };
         cache.commit(layout.clone());
         let real_columns = (0..b).map(|i| cache.real_columns(i)).collect();
@@ -538,6 +547,7 @@ impl Gemma2 {
             records,
             layout,
             real_columns,
+            device: self.device.clone(),
         })
     }
 }
@@ -551,16 +561,29 @@ struct PassContext<'a> {
     sliding_mask: Option<Tensor>,
 }
 
+/// Whether a pass computes the logits at each sequence's last position
+/// (see [`Gemma2::forward_batch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// The soft-capped logits.
+    Logits,
+    /// Nothing: every next token is already known (teacher forcing), so
+    /// the LM head (a fifth of gemma-2-2b's weights) is not read.
+    Skip,
+}
+
 /// The result of [`Gemma2::forward_batch`].
 #[derive(Debug, Clone)]
 pub struct BatchOutput {
-    /// Soft-capped f32 logits of each sequence's last token, `[b, vocab]`.
-    pub logits: Tensor,
+    /// Soft-capped f32 logits of each sequence's last token, `[b, vocab]`,
+    /// unless the pass skipped the head.
+    pub logits: Option<Tensor>,
     /// One record per layer, with the batch dimension.
     pub records: Vec<LayerRecord>,
     pub layout: PassLayout,
     /// Per sequence, the cache columns (after the pass) holding real tokens.
     real_columns: Vec<Vec<u32>>,
+    device: Device,
 }
 
 impl BatchOutput {
@@ -577,20 +600,26 @@ impl BatchOutput {
             })
             .collect();
         Self {
-            logits,
+            device: logits.device().clone(),
+            logits: Some(logits),
             records,
             layout,
             real_columns,
         }
     }
 
-    /// Applies `f` to the logits, then to every recorded tensor in layer
-    /// order (e.g. to move them to the host).
+    /// Where the pass ran.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Applies `f` to the logits (if any), then to every recorded tensor in
+    /// layer order (e.g. to move them to the host).
     pub fn map_tensors(
         self,
         mut f: impl FnMut(&Tensor) -> candle_core::Result<Tensor>,
     ) -> candle_core::Result<Self> {
-        let logits = f(&self.logits)?;
+        let logits = self.logits.as_ref().map(&mut f).transpose()?;
         let records = self
             .records
             .into_iter()
@@ -601,6 +630,7 @@ impl BatchOutput {
             records,
             layout: self.layout,
             real_columns: self.real_columns,
+            device: self.device,
         })
     }
 
@@ -619,8 +649,7 @@ impl BatchOutput {
         let key_index = if contiguous {
             None
         } else {
-            let device = self.logits.device();
-            Some(Tensor::new(columns.as_slice(), device)?)
+            Some(Tensor::new(columns.as_slice(), &self.device)?)
         };
         let first_key = columns.first().copied().unwrap_or(0) as usize;
         let select_rows = |x: &Option<Tensor>| -> candle_core::Result<Option<Tensor>> {

@@ -9,5 +9,5 @@ pub mod weights;
 
 pub use cache::{KvCache, PassLayout};
 pub use config::{Gemma2Config, LayerKind};
-pub use gemma2::{BatchOutput, CaptureRequest, Gemma2, LayerRecord, LayerWants};
+pub use gemma2::{BatchOutput, CaptureRequest, Gemma2, Head, LayerRecord, LayerWants};
 pub use weights::Weights;
