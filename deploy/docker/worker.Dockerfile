@@ -67,7 +67,10 @@ RUN apt-get update \
  && chown -R 10001:10001 /models
 COPY --chmod=0755 deploy/docker/worker-entrypoint.sh /usr/local/bin/capture-entrypoint
 COPY --from=build-cpu /out/worker /usr/local/bin/worker
-ENV HF_HOME=/models/huggingface
+# glibc keeps freed memory instead of handing it back and faulting it in
+# again at the next batch (traces, artifacts): see docker/README.md.
+ENV HF_HOME=/models/huggingface \
+    GLIBC_TUNABLES=glibc.malloc.trim_threshold=17179869184:glibc.malloc.mmap_threshold=33554432
 VOLUME ["/models"]
 USER 10001:10001
 # Prometheus metrics and /healthz (CAPTURE_METRICS_LISTEN)
@@ -90,6 +93,7 @@ RUN apt-get update \
 COPY --chmod=0755 deploy/docker/worker-entrypoint.sh /usr/local/bin/capture-entrypoint
 COPY --from=build-cuda /out/worker /usr/local/bin/worker
 ENV HF_HOME=/models/huggingface \
+    GLIBC_TUNABLES=glibc.malloc.trim_threshold=17179869184:glibc.malloc.mmap_threshold=33554432 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 VOLUME ["/models"]
