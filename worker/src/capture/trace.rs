@@ -121,14 +121,6 @@ pub struct LayerTrace {
 }
 
 impl LayerTrace {
-    pub fn new(layer: usize, wants: LayerWants) -> Self {
-        Self {
-            layer,
-            wants,
-            ..Self::default()
-        }
-    }
-
     /// A trace for a prompt of `prompt_len` tokens and up to `max_steps`
     /// response tokens, reserving its rows up front (bounded by
     /// [`RESERVED_RESPONSE_POSITIONS`]).
@@ -139,8 +131,10 @@ impl LayerTrace {
         max_steps: usize,
     ) -> Self {
         Self {
+            layer,
+            wants,
             expected_positions: prompt_len + max_steps.min(RESERVED_RESPONSE_POSITIONS),
-            ..Self::new(layer, wants)
+            ..Self::default()
         }
     }
 
