@@ -275,10 +275,10 @@ impl<'a> FinalizingClaim<'a> {
         runs: &'a std::sync::Mutex<std::collections::HashSet<RunId>>,
         run: RunId,
     ) -> Option<Self> {
-        runs.lock()
-            .expect("finalizing lock")
-            .insert(run)
-            .then_some(Self { runs, run })
+        // The lock is released before a claim exists: a claim dropped
+        // while it is held would deadlock (its `Drop` takes the lock).
+        let inserted = runs.lock().expect("finalizing lock").insert(run);
+        inserted.then(|| Self { runs, run })
     }
 }
 
@@ -413,8 +413,33 @@ fn run_manifest(
 mod tests {
     use bytes::Bytes;
 
+    use super::FinalizingClaim;
     use crate::queue::JobQueue;
     use crate::service::test_support::coordinator_with_run;
+
+    #[test]
+    fn a_run_is_claimed_once_until_its_claim_is_dropped() {
+        // On a thread of its own: a deadlock fails the test instead of
+        // hanging it.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runs = std::sync::Mutex::new(std::collections::HashSet::new());
+            let run = crate::queue::RunId::new_time_ordered();
+            let first = FinalizingClaim::take(&runs, run).expect("the first claim");
+            assert!(FinalizingClaim::take(&runs, run).is_none(), "claimed twice");
+            assert!(
+                runs.lock().unwrap().contains(&run),
+                "a refused claim must not release the holder's"
+            );
+            drop(first);
+            assert!(runs.lock().unwrap().is_empty());
+            assert!(FinalizingClaim::take(&runs, run).is_some());
+            done.send(()).unwrap();
+        });
+        finished
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("claims finish (no deadlock) and hold");
+    }
 
     #[tokio::test]
     async fn a_finalization_dropped_halfway_does_not_block_the_next() {

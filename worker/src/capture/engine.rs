@@ -248,6 +248,22 @@ mod tests {
     use crate::model::{LayerRecord, PassLayout};
 
     #[test]
+    fn a_pass_with_nothing_to_transfer_gathers_nothing() {
+        // A replayed pass (no logits) capturing nothing.
+        let logits = Tensor::zeros((1, 5), DType::F32, &Device::Cpu).unwrap();
+        let layout = PassLayout {
+            start: 0,
+            t: 1,
+            new: vec![vec![Some(0)]],
+        };
+        let mut out = BatchOutput::for_tests(logits, vec![LayerRecord::default(); 2], layout);
+        out.logits = None;
+        let gathered = gather_to_host(out).unwrap();
+        assert!(gathered.logits.is_none());
+        assert!(gathered.records.iter().all(|r| r.residual_in.is_none()));
+    }
+
+    #[test]
     fn one_gathered_transfer_equals_per_tensor_copies() {
         let t = |shape: &[usize], seed: f32| {
             let n: usize = shape.iter().product();
