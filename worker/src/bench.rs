@@ -168,12 +168,10 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
     let response = generate(&model, &prompt, plan, &mut || {})?;
 
     reset_peak_memory();
-    let mut plain = f64::INFINITY;
-    for _ in 0..options.repeats {
-        let start = Instant::now();
+    let plain = best_of(options.repeats, || {
         generate(&model, &prompt, plan, &mut || {})?;
-        plain = plain.min(start.elapsed().as_secs_f64());
-    }
+        Ok(())
+    })?;
     log(&format!(
         "plain generation: {:.3} s/token",
         per_token(plain)
@@ -199,6 +197,7 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
             },
         ),
     ];
+    let mut residual_encode = 0.0;
     for (name, mode) in modes {
         let request = mode.request(cfg.num_hidden_layers);
         reset_peak_memory();
@@ -221,6 +220,9 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
             encode = encode.min(start.elapsed().as_secs_f64());
         }
         log(&format!("{name}: {:.3} s/token", per_token(best)));
+        if mode == CaptureMode::Residual {
+            residual_encode = encode;
+        }
         rows.push(BenchRow {
             workload: name,
             batch: 1,
@@ -235,19 +237,12 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
     // records, without the LM head.
     let request = CaptureMode::Residual.request(cfg.num_hidden_layers);
     reset_peak_memory();
-    let mut best = f64::INFINITY;
-    for _ in 0..options.repeats {
-        let start = Instant::now();
-        let trace = capture_prompt(
-            &model,
-            &prompt,
-            &request,
-            ResponsePlan::Replay(&response),
-            &mut || {},
-        )?;
-        best = best.min(start.elapsed().as_secs_f64());
+    let best = best_of(options.repeats, || {
+        let replay = ResponsePlan::Replay(&response);
+        let trace = capture_prompt(&model, &prompt, &request, replay, &mut || {})?;
         debug_assert_eq!(trace.response_ids, response);
-    }
+        Ok(())
+    })?;
     let name = "residual capture, all layers, teacher-forced (replay)";
     log(&format!("{name}: {:.3} s/token", per_token(best)));
     rows.push(BenchRow {
@@ -256,10 +251,7 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
         seconds_per_token: per_token(best),
         captured_tokens_per_second: captured_rate(1, best),
         // The same artifact as the generating residual capture's.
-        encode_seconds: rows
-            .iter()
-            .find(|row| row.workload.starts_with("residual capture"))
-            .map_or(0.0, |row| row.encode_seconds),
+        encode_seconds: residual_encode,
         overhead_vs_plain: best / plain - 1.0,
         peak_memory_bytes: peak_resident_memory(),
     });
@@ -296,12 +288,10 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
             .collect();
         // The same batch without capture: what capture adds at this batch.
         reset_peak_memory();
-        let mut plain_batch = f64::INFINITY;
-        for _ in 0..options.repeats {
-            let start = Instant::now();
+        let plain_batch = best_of(options.repeats, || {
             capture_batch(&model, &items, &CaptureRequest::default(), &mut |_| {})?;
-            plain_batch = plain_batch.min(start.elapsed().as_secs_f64());
-        }
+            Ok(())
+        })?;
         let plain_per_token = plain_batch / (batch * options.new_tokens) as f64;
         log(&format!(
             "plain generation, batch of {batch}: {plain_per_token:.4} s/token"
@@ -373,6 +363,17 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
 
 /// Starts a new peak for [`peak_resident_memory`] (Linux: writing 5 to
 /// `/proc/self/clear_refs` resets `VmHWM` to the current resident size).
+/// The shortest of `repeats` runs of `run`, in seconds.
+fn best_of(repeats: usize, mut run: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut best = f64::INFINITY;
+    for _ in 0..repeats {
+        let start = Instant::now();
+        run()?;
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
 fn reset_peak_memory() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
