@@ -183,6 +183,7 @@ pub async fn submit(args: &SubmitArgs) -> anyhow::Result<ExitCode> {
             device,
             compute_dtype,
             batch_size: capture_worker::run::BatchSize::Auto,
+            concurrent_jobs: None,
             worker_id: None,
             drain_timeout: Duration::from_secs(5),
             max_jobs: None,

@@ -77,9 +77,11 @@ fn check_run_objects(
 #[test]
 fn three_workers_capture_two_sets_in_both_modes_exactly_once() {
     let mut cluster = Cluster::start(ClusterTiming::default());
-    for _ in 0..3 {
+    for _ in 0..2 {
         cluster.start_worker(&[]);
     }
+    // One worker holds up to three jobs and batches their prompts together.
+    cluster.start_worker(&["--concurrent-jobs", "3"]);
     let decoding = ["--max-new-tokens", "12"];
     let run_id = cluster.submit(
         &[
@@ -109,8 +111,9 @@ fn three_workers_capture_two_sets_in_both_modes_exactly_once() {
             &["--mode", "residual"][..],
             &["--mode", "internals", "--layers", "all"][..],
         ] {
-            // Workers batch each 4-prompt job whole (auto); batches of the
-            // same prompts give the same bits.
+            // Workers batch each 4-prompt job whole (auto), the third one
+            // with the other jobs it holds: equal within float tolerance
+            // (batches of the same prompts give the same bits).
             let args = [
                 &["--prompt-set", set, "--batch-size", "4"][..],
                 mode,
@@ -127,7 +130,11 @@ fn three_workers_capture_two_sets_in_both_modes_exactly_once() {
     let downloaded = tempfile::tempdir().unwrap();
     cluster.download_run("e2e", &run_id, downloaded.path());
     // torch.load(weights_only=True) of every object, equal to worker capture.
-    compare_captures(expected_dir.path(), downloaded.path(), &["--atol", "0"]);
+    compare_captures(
+        expected_dir.path(),
+        downloaded.path(),
+        &["--atol", "1e-5", "--rtol", "1e-4"],
+    );
 
     let workers = manifest["workers"].as_array().unwrap();
     assert!(

@@ -43,9 +43,10 @@ const RUN_LONG_ABOUT: &str = "Pull capture jobs from a coordinator until stopped
     The model is loaded once; then the worker claims jobs for it (model id and --revision must match \
     the runs' model_id and model_revision), captures each job's prompts, uploads the .pt artifacts \
     under the job's staging prefix in --store and reports them to the coordinator, which publishes \
-    them at their documented keys. A coordinator or database restart only delays the worker. \
-    SIGTERM or Ctrl-C stops claiming, lets the current job finish for up to --drain-timeout \
-    seconds, gives it back otherwise, and exits 0.\n\n\
+    them at their documented keys. It holds up to --concurrent-jobs jobs and batches the prompts of \
+    those with the same capture settings together. A coordinator or database restart only delays \
+    the worker. SIGTERM or Ctrl-C stops claiming, lets the jobs held finish for up to \
+    --drain-timeout seconds, gives them back otherwise, and exits 0.\n\n\
     S3 credentials and region come from the AWS_* environment variables; AWS_ENDPOINT_URL (or \
     --s3-endpoint) points at MinIO or another S3-compatible server. Set RUST_LOG=debug for more detail.\n\n\
     Example:\n  CAPTURE_WORKER_TOKEN=... worker run --coordinator https://coordinator:50051 --tls-ca ca.pem \\\n      \
@@ -199,6 +200,9 @@ pub struct RunArgs {
         value_name = "N|auto"
     )]
     pub batch_size: BatchSize,
+    /// Jobs held at once (default: 1 on cpu, 4 on cuda); the prompts of held jobs with the same capture settings share batches, so a GPU worker batches beyond one job's shard (coordinator submit --shard-size, 4 prompts by default)
+    #[arg(long, env = "CAPTURE_CONCURRENT_JOBS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub concurrent_jobs: Option<u16>,
     /// Bearer token for the coordinator (falls back to CAPTURE_TOKEN)
     #[arg(long, env = "CAPTURE_WORKER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -208,7 +212,7 @@ pub struct RunArgs {
     /// This worker's id, a UUID (default: a fresh one)
     #[arg(long, value_name = "ID")]
     pub worker_id: Option<String>,
-    /// On shutdown, how long the current job may still run before it is given back
+    /// On shutdown, how long the jobs held may still run before they are given back
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     pub drain_timeout: u64,
     /// Stop after this many jobs
@@ -247,6 +251,7 @@ impl RunArgs {
             device: self.device,
             compute_dtype: self.dtype,
             batch_size: self.batch_size,
+            concurrent_jobs: self.concurrent_jobs.map(usize::from),
             worker_id: self.worker_id,
             drain_timeout: Duration::from_secs(self.drain_timeout),
             max_jobs: self.max_jobs,

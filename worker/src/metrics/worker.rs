@@ -1,7 +1,7 @@
 //! What a pulling worker (`worker run`) counts: jobs by how they ended,
 //! tokens captured (their `rate()` is the worker's tokens per second),
-//! bytes uploaded, job durations, whether a job is running, and lost
-//! leases. Cheap to clone: clones share the same values.
+//! bytes uploaded, job durations, the jobs it holds, how many jobs and
+//! prompts share its batches, and lost leases. Cheap to clone: clones share the same values.
 
 use std::time::Duration;
 
@@ -24,6 +24,8 @@ pub struct WorkerMetrics {
     upload_bytes: Counter,
     job_seconds: Histogram,
     busy: Gauge,
+    batch_jobs: Histogram,
+    batch_prompts: Histogram,
     lease_losses: Counter,
 }
 
@@ -36,6 +38,10 @@ impl Default for WorkerMetrics {
             // 1 s to about 2.3 hours.
             job_seconds: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             busy: Gauge::default(),
+            // 1 to 64.
+            batch_jobs: Histogram::new(exponential_buckets(1.0, 2.0, 7)),
+            // 1 to 128.
+            batch_prompts: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
             lease_losses: Counter::default(),
         };
         // Every outcome is exposed from the start, at zero.
@@ -73,8 +79,18 @@ impl WorkerMetrics {
         );
         registry.register(
             "capture_worker_busy",
-            "1 while this worker runs a job, else 0",
+            "Jobs this worker holds (claimed and not yet answered), 0 when idle",
             self.busy.clone(),
+        );
+        registry.register(
+            "capture_worker_batch_jobs",
+            "Jobs whose prompts shared each batch of forward passes",
+            self.batch_jobs.clone(),
+        );
+        registry.register(
+            "capture_worker_batch_prompts",
+            "Prompts in each batch of forward passes",
+            self.batch_prompts.clone(),
         );
         registry.register(
             "capture_worker_lease_losses",
@@ -83,10 +99,16 @@ impl WorkerMetrics {
         );
     }
 
-    /// Marks the worker busy until the guard is dropped.
+    /// Counts one more job held until the guard is dropped.
     pub(crate) fn busy(&self) -> BusyGuard {
-        self.busy.set(1);
+        self.busy.inc();
         BusyGuard(self.busy.clone())
+    }
+
+    /// Records one batch: the jobs its prompts come from and the prompts.
+    pub(crate) fn batch(&self, jobs: usize, prompts: usize) {
+        self.batch_jobs.observe(jobs as f64);
+        self.batch_prompts.observe(prompts as f64);
     }
 
     /// Counts `tokens` more captured tokens (called from capture threads).
@@ -111,12 +133,12 @@ impl WorkerMetrics {
     }
 }
 
-/// Sets the busy gauge back to 0 when dropped.
+/// Counts its job off the busy gauge when dropped.
 pub(crate) struct BusyGuard(Gauge);
 
 impl Drop for BusyGuard {
     fn drop(&mut self) {
-        self.0.set(0);
+        self.0.dec();
     }
 }
 
@@ -150,6 +172,10 @@ mod tests {
             "capture_worker_job_seconds_count 0",
             "# TYPE capture_worker_busy gauge",
             "capture_worker_busy 0",
+            "# TYPE capture_worker_batch_jobs histogram",
+            "capture_worker_batch_jobs_count 0",
+            "# TYPE capture_worker_batch_prompts histogram",
+            "capture_worker_batch_prompts_count 0",
             "# TYPE capture_worker_lease_losses counter",
             "capture_worker_lease_losses_total 0",
         ] {
@@ -166,6 +192,10 @@ mod tests {
         let recorder = metrics.clone();
         let busy = recorder.busy();
         assert!(exposition(&metrics).contains("\ncapture_worker_busy 1\n"));
+        let second = recorder.busy();
+        assert!(exposition(&metrics).contains("\ncapture_worker_busy 2\n"));
+        drop(second);
+        recorder.batch(3, 12);
         recorder.tokens_captured(10);
         recorder.tokens_captured(5);
         recorder.uploaded(4096);
@@ -184,6 +214,10 @@ mod tests {
             "capture_worker_job_seconds_bucket{le=\"1.0\"} 1",
             "capture_worker_job_seconds_bucket{le=\"4.0\"} 2",
             "capture_worker_busy 0",
+            "capture_worker_batch_jobs_sum 3.0",
+            "capture_worker_batch_jobs_bucket{le=\"2.0\"} 0",
+            "capture_worker_batch_jobs_bucket{le=\"4.0\"} 1",
+            "capture_worker_batch_prompts_sum 12.0",
             "capture_worker_lease_losses_total 1",
         ] {
             assert!(

@@ -1,10 +1,11 @@
-//! Running one job's capture: prompts are captured in batches (one forward
-//! pass per step for the whole batch) on a blocking thread with the loaded
-//! model, and each artifact is handed through a bounded queue (one batch's
-//! worth) to an upload task that encodes it on a blocking thread and stages
-//! it under the attempt's prefix, hashing as it sends, so encoding and
-//! uploads overlap with the next batch's compute. A shared stop flag ends
-//! both at the next batch or artifact.
+//! Running one job's capture: its prompts go to the worker's capture
+//! thread ([`super::compute`]), which captures them in batches (shared with
+//! other jobs of the same settings) and hands each artifact through a
+//! bounded queue (one batch's worth) to this job's upload task, which
+//! encodes it on a blocking thread and stages it under the attempt's
+//! prefix, hashing as it sends, so encoding and uploads overlap with the
+//! next batch's compute. A shared stop flag ends both at the next batch or
+//! artifact.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use capture_proto::Fence;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-use super::Engine;
+use super::compute::{Capturer, Expected, Submission};
 use super::convert::JobPlan;
 use super::error::JobError;
 use super::heartbeat::Progress;
@@ -22,9 +23,7 @@ use super::replay::StoreReplay;
 use crate::capture::CaptureMode;
 use crate::manifest::ArtifactEntry;
 use crate::metrics::WorkerMetrics;
-use crate::run::{
-    PromptArtifact, ReplaySource, batch_size_for, capture_prepared_batch, prepare_prompts,
-};
+use crate::run::PromptArtifact;
 use crate::store::RunStore;
 
 /// Artifacts waiting for upload, at least; the queue holds one batch.
@@ -49,7 +48,9 @@ pub(crate) struct Execution {
 
 /// Everything one job's capture needs.
 pub(crate) struct JobRun {
-    pub(crate) engine: Arc<Engine>,
+    pub(crate) capturer: Capturer,
+    /// Taken back once the prompts are submitted.
+    pub(crate) expected: Expected,
     pub(crate) plan: JobPlan,
     pub(crate) run: RunStore,
     pub(crate) fence: Fence,
@@ -61,9 +62,9 @@ pub(crate) struct JobRun {
 
 /// A captured artifact, encoded by the upload task; its entry's size and
 /// sha256 are filled in from the upload.
-struct PendingUpload {
-    entry: ArtifactEntry,
-    artifact: PromptArtifact,
+pub(crate) struct PendingUpload {
+    pub(crate) entry: ArtifactEntry,
+    pub(crate) artifact: PromptArtifact,
 }
 
 /// Captures and stages every prompt of the job (until the stop flag is set).
@@ -75,94 +76,41 @@ pub(crate) async fn execute(job: JobRun) -> Result<Execution, JobError> {
     let capacity = (job.plan.prompts.len().min(MAX_BATCH_HINT) * per_prompt).max(UPLOAD_QUEUE);
     let (queue, pending) = mpsc::channel(capacity);
     let uploads = tokio::spawn(upload_all(
-        job.run.clone(),
+        job.run,
         job.fence,
         pending,
         Arc::clone(&job.progress),
         Arc::clone(&job.stop),
         job.metrics.clone(),
     ));
-    let computed = tokio::task::spawn_blocking(move || capture_all(&job, &queue)).await;
+    let (done, result) = oneshot::channel();
+    let submitted = job.capturer.submit(Submission {
+        plan: job.plan,
+        replay: job.replay,
+        progress: job.progress,
+        stop: Arc::clone(&job.stop),
+        metrics: job.metrics,
+        queue,
+        done,
+    });
+    drop(job.expected);
+    if let Err(error) = submitted {
+        job.stop.store(true, Ordering::Relaxed);
+        return Err(error);
+    }
+    let captured = result.await.map_err(|_| {
+        JobError::Internal("the capture thread dropped the job (a panic, see the log)".into())
+    });
     let uploaded = uploads
         .await
         .map_err(|e| JobError::Internal(format!("the upload task failed: {e}")))?;
     let (artifacts, upload) = uploaded?;
-    let captured =
-        computed.map_err(|e| JobError::Internal(format!("the capture task failed: {e}")))??;
+    let captured = captured??;
     Ok(Execution {
         stopped: captured.stopped || artifacts.len() < captured.queued,
         artifacts,
         compute: captured.compute,
         upload,
-    })
-}
-
-struct Captured {
-    compute: Duration,
-    /// Artifacts handed to the upload task.
-    queued: usize,
-    stopped: bool,
-}
-
-/// The blocking half: prepare every prompt first (so a bad one fails the
-/// job before any compute), then capture them in order.
-fn capture_all(job: &JobRun, queue: &mpsc::Sender<PendingUpload>) -> Result<Captured, JobError> {
-    let stopped = || job.stop.load(Ordering::Relaxed);
-    let settings = &job.plan.settings;
-    let meta = &job.engine.meta;
-    let mut timer = Instant::now();
-    let mut compute = Duration::ZERO;
-    let mut queued = 0;
-    let prepared = prepare_prompts(
-        meta,
-        settings,
-        &job.plan.set,
-        &job.plan.prompts,
-        job.replay.as_ref().map(|r| r as &dyn ReplaySource),
-    )?;
-    let model = &job.engine.model;
-    let batch_size = batch_size_for(job.engine.batch_size, meta, model, settings, &prepared);
-    for batch in prepared.chunks(batch_size) {
-        if stopped() {
-            return Ok(Captured {
-                compute: compute + timer.elapsed(),
-                queued,
-                stopped: true,
-            });
-        }
-        let mut on_token = |_| {
-            job.progress.tokens.fetch_add(1, Ordering::Relaxed);
-            job.metrics.tokens_captured(1);
-        };
-        let captured = capture_prepared_batch(meta, model, settings, batch, &mut on_token)?;
-        for prompt in captured {
-            job.progress
-                .tokens
-                .fetch_add(prompt.prompt_tokens as u64, Ordering::Relaxed);
-            job.metrics.tokens_captured(prompt.prompt_tokens as u64);
-            for artifact in prompt.artifacts.iter().cloned() {
-                // Size and sha256 come from the upload, which hashes as it sends.
-                let entry = prompt.entry(&artifact, 0, String::new());
-                compute += timer.elapsed();
-                let sent = queue.blocking_send(PendingUpload { entry, artifact });
-                timer = Instant::now();
-                if sent.is_err() {
-                    // The upload task stopped: its error is the job's.
-                    return Ok(Captured {
-                        compute,
-                        queued,
-                        stopped: true,
-                    });
-                }
-                queued += 1;
-            }
-            job.progress.prompts_done.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-    Ok(Captured {
-        compute: compute + timer.elapsed(),
-        queued,
-        stopped: false,
     })
 }
 

@@ -11,6 +11,7 @@ use capture_proto::v1::{CompleteJobRequest, FailJobRequest, Job, JobState, Relea
 use capture_proto::{CaptureServiceError, Fence};
 use tracing::{error, info, warn};
 
+use super::compute::Expected;
 use super::convert::{AttemptStats, JobPlan, artifact_record, plan_job, std_duration};
 use super::error::JobError;
 use super::execute::{Execution, JobRun, execute};
@@ -87,8 +88,15 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Runs one claimed job and reports its result to the coordinator.
-pub(crate) async fn run_job(worker: &Worker, job: Job, mut shutdown: Shutdown) -> JobOutcome {
+/// Runs one claimed job and reports its result to the coordinator;
+/// `expected` is this job's mark on the capture thread, taken back once its
+/// prompts are submitted or it ends without them.
+pub(crate) async fn run_job(
+    worker: &Worker,
+    job: Job,
+    expected: Expected,
+    mut shutdown: Shutdown,
+) -> JobOutcome {
     let fence = match job.fence(worker.id) {
         Ok(fence) => fence,
         Err(problem) => {
@@ -135,7 +143,8 @@ pub(crate) async fn run_job(worker: &Worker, job: Job, mut shutdown: Shutdown) -
     );
     let _heartbeat = AbortOnDrop(heartbeat);
     let work = execute(JobRun {
-        engine: Arc::clone(&worker.engine),
+        capturer: worker.capturer.clone(),
+        expected,
         plan,
         run,
         fence,

@@ -4,14 +4,17 @@
 //! completes the job.
 //!
 //! The loop: register (retried while the coordinator is unavailable), then
-//! claim with a long poll; each claimed job is captured off the async
-//! executor while a heartbeat task keeps its lease and reports progress.
-//! A coordinator restart only ever delays the loop: every call is retried
-//! with capped, jittered exponential backoff. When the shutdown future
-//! fires the worker stops claiming, lets the current job finish for up to
-//! [`PullOptions::drain_timeout`], releases it otherwise, deregisters and
-//! returns its [`PullReport`].
+//! claim with a long poll while fewer than [`PullOptions::concurrent_jobs`]
+//! jobs are held; each claimed job is captured on the worker's capture
+//! thread (in batches shared with the other held jobs of the same capture
+//! settings, see `compute`) while a heartbeat task keeps its lease and
+//! reports progress. A coordinator restart only ever delays the loop: every
+//! call is retried with capped, jittered exponential backoff. When the
+//! shutdown future fires the worker stops claiming, lets the jobs it holds
+//! finish for up to [`PullOptions::drain_timeout`], releases them
+//! otherwise, deregisters and returns its [`PullReport`].
 
+mod compute;
 mod convert;
 mod error;
 mod execute;
@@ -25,6 +28,7 @@ mod tests;
 
 use crate::run::BatchSize;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,9 +39,12 @@ use capture_proto::v1::{
 use capture_proto::{
     CaptureServiceError, ClientConfig, ConnectError, IdParseError, WorkerClient, WorkerId,
 };
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use self::compute::Capturer;
 use crate::error::CaptureError;
 use crate::loader::{DeviceArg, ModelMeta, dtype_name};
 use crate::metrics::WorkerMetrics;
@@ -77,9 +84,13 @@ pub struct PullOptions {
     /// Prompts per forward pass; `auto` is resolved per job from its
     /// longest prompt and the free memory.
     pub batch_size: BatchSize,
+    /// Jobs held at once; their prompts share forward passes when their
+    /// capture settings match. Default ([`default_concurrent_jobs`]): 1 on
+    /// the CPU, 4 on GPUs.
+    pub concurrent_jobs: Option<usize>,
     /// A UUID; default: a fresh UUIDv7.
     pub worker_id: Option<String>,
-    /// On shutdown: how long the current job may still run before it is
+    /// On shutdown: how long the jobs held may still run before they are
     /// stopped and released.
     pub drain_timeout: Duration,
     /// Stop after this many claimed jobs; `None`: run until shut down.
@@ -139,6 +150,9 @@ pub(crate) struct Worker {
     pub(crate) id: WorkerId,
     pub(crate) client: WorkerClient,
     pub(crate) engine: Arc<Engine>,
+    /// The capture thread every job's prompts go to.
+    pub(crate) capturer: Capturer,
+    pub(crate) concurrent_jobs: usize,
     pub(crate) store: ArtifactStore,
     pub(crate) model_id: String,
     pub(crate) model_revision: String,
@@ -206,6 +220,14 @@ async fn start(options: &PullOptions) -> Result<Worker, PullError> {
             .map_err(|e: IdParseError| PullError::InvalidOption(e.to_string()))?,
         None => WorkerId::new(),
     };
+    let concurrent_jobs = options
+        .concurrent_jobs
+        .unwrap_or_else(|| default_concurrent_jobs(options.device));
+    if concurrent_jobs == 0 {
+        return Err(PullError::InvalidOption(
+            "--concurrent-jobs must be at least 1".into(),
+        ));
+    }
     let store = ArtifactStore::from_url(&options.store_url, &options.store_options)
         .map_err(PullError::Store)?;
     let channel = capture_proto::connect_lazy(&options.coordinator)?;
@@ -249,15 +271,21 @@ async fn start(options: &PullOptions) -> Result<Worker, PullError> {
         compute_dtype = dtype_name(dtype),
         weight_dtype = dtype_name(engine.model.matrix_dtype()),
         layers = engine.meta.config.num_hidden_layers,
+        concurrent_jobs,
         coordinator = options.coordinator.url,
         store = %store.url(),
         load_seconds = loading.elapsed().as_secs_f64(),
         "model loaded"
     );
+    let engine = Arc::new(engine);
+    let capturer = Capturer::start(Arc::clone(&engine))
+        .map_err(|e| PullError::Internal(format!("cannot start the capture thread: {e}")))?;
     Ok(Worker {
         id,
         client,
-        engine: Arc::new(engine),
+        engine,
+        capturer,
+        concurrent_jobs,
         store,
         model_id,
         model_revision: options.model.revision.clone().unwrap_or_default(),
@@ -282,36 +310,91 @@ async fn pull_loop(
     let worker = &*worker;
     let mut claimed = 0u64;
     let mut idle = rpc::Backoff::new(IDLE_PAUSE_MIN, IDLE_PAUSE_MAX);
-    while !shutdown.fired() && options.max_jobs.is_none_or(|max| claimed < max) {
-        let claim = tokio::select! {
-            claim = claim(worker) => claim?,
-            () = shutdown.wait() => break,
-        };
-        match claim {
-            Claim::Job(job) => {
-                claimed += 1;
-                idle.reset();
-                let busy = worker.metrics.busy();
-                let started = std::time::Instant::now();
-                let outcome = job::run_job(worker, *job, shutdown.clone()).await;
-                worker.metrics.job_finished(outcome, started.elapsed());
-                drop(busy);
+    let mut running = FuturesUnordered::new();
+    // At most one claim in flight, kept across the loop's turns: dropping
+    // it could lose a job the coordinator has already leased to us.
+    let mut claiming: Option<ClaimInFlight<'_>> = None;
+    // Keeps a free capture thread waiting for the job a claim may bring.
+    let mut claim_expected: Option<compute::Expected> = None;
+    let mut pause: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    // `exit_when_idle` and a claim found no work, or claims are refused:
+    // finish what is held.
+    let mut no_more = false;
+    let mut refused: Option<PullError> = None;
+    loop {
+        if shutdown.fired() {
+            // Stopping: an unanswered claim is given up (a job it got
+            // leased is retried once its lease expires).
+            claiming = None;
+            claim_expected = None;
+            pause = None;
+        } else if claiming.is_none()
+            && pause.is_none()
+            && !no_more
+            && running.len() < worker.concurrent_jobs
+            && options.max_jobs.is_none_or(|max| claimed < max)
+        {
+            // A worker holding jobs only takes what is there now: its
+            // capture thread may be waiting to batch with it.
+            let wait = if running.is_empty() {
+                CLAIM_WAIT
+            } else {
+                Duration::ZERO
+            };
+            claim_expected = Some(worker.capturer.expect());
+            claiming = Some(Box::pin(claim(worker, wait)));
+        }
+        if claiming.is_none() && pause.is_none() && running.is_empty() {
+            break;
+        }
+        tokio::select! {
+            Some(outcome) = running.next(), if !running.is_empty() => {
+                let outcome: JobOutcome = outcome;
                 outcome.count(&mut report);
             }
-            Claim::NoWork { retry_after } => {
-                if options.exit_when_idle {
-                    info!(worker_id = %worker.id, "no work left: stopping");
-                    break;
-                }
-                let pause = retry_after
-                    .unwrap_or_else(|| idle.next_delay())
-                    .clamp(IDLE_PAUSE_MIN, IDLE_PAUSE_MAX);
-                tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
-                    () = shutdown.wait() => break,
+            claim = async { claiming.as_mut().expect("guarded").await }, if claiming.is_some() => {
+                claiming = None;
+                let claim = match claim {
+                    Ok(claim) => claim,
+                    Err(error) => {
+                        // Fatal (a refusal, TLS): the jobs held still finish.
+                        claim_expected = None;
+                        no_more = true;
+                        refused = Some(error);
+                        continue;
+                    }
+                };
+                match claim {
+                    Claim::Job(job) => {
+                        claimed += 1;
+                        idle.reset();
+                        let expected = claim_expected
+                            .take()
+                            .unwrap_or_else(|| worker.capturer.expect());
+                        running.push(run_claimed(worker, *job, expected, shutdown.clone()));
+                    }
+                    Claim::NoWork { retry_after } => {
+                        claim_expected = None;
+                        if options.exit_when_idle {
+                            info!(worker_id = %worker.id, held = running.len(), "no work left: stopping");
+                            no_more = true;
+                        } else {
+                            let delay = retry_after
+                                .unwrap_or_else(|| idle.next_delay())
+                                .clamp(IDLE_PAUSE_MIN, IDLE_PAUSE_MAX);
+                            pause = Some(Box::pin(tokio::time::sleep(delay)));
+                        }
+                    }
                 }
             }
+            () = async { pause.as_mut().expect("guarded").await }, if pause.is_some() => {
+                pause = None;
+            }
+            () = shutdown.wait(), if !shutdown.fired() => {}
         }
+    }
+    if let Some(error) = refused {
+        return Err(error);
     }
     deregister(worker).await;
     info!(
@@ -324,6 +407,35 @@ async fn pull_loop(
         "worker stopped"
     );
     Ok(report)
+}
+
+/// Runs one claimed job, counted in the worker's metrics.
+async fn run_claimed(
+    worker: &Worker,
+    job: capture_proto::v1::Job,
+    expected: compute::Expected,
+    shutdown: Shutdown,
+) -> JobOutcome {
+    let busy = worker.metrics.busy();
+    let started = std::time::Instant::now();
+    let outcome = job::run_job(worker, job, expected, shutdown).await;
+    worker.metrics.job_finished(outcome, started.elapsed());
+    drop(busy);
+    outcome
+}
+
+/// Jobs a worker on `device` holds at once unless told otherwise: 1 on the
+/// CPU, where batches beyond one job's 4 prompts gain little (0.144 to
+/// 0.109 s per token and prompt from 4 to 16 prompts, docs/benchmarks.md)
+/// for about 4 times the trace memory; 4 on GPUs, so that jobs of 4
+/// prompts fill batches of 16, the best batch measured on an H200 (1,077
+/// captured tokens per second against 226 one prompt at a time, and fewer
+/// at 64).
+pub fn default_concurrent_jobs(device: DeviceArg) -> usize {
+    match device {
+        DeviceArg::Cpu => 1,
+        DeviceArg::Cuda(_) => 4,
+    }
 }
 
 /// Announces the worker; returns the heartbeat interval to use, or `None`
@@ -376,19 +488,23 @@ async fn register(worker: &Worker, shutdown: &mut Shutdown) -> Result<Option<Dur
     }
 }
 
+/// A claim the loop has started and not yet seen answered.
+type ClaimInFlight<'a> = Pin<Box<dyn Future<Output = Result<Claim, PullError>> + Send + 'a>>;
+
 enum Claim {
     Job(Box<capture_proto::v1::Job>),
     NoWork { retry_after: Option<Duration> },
 }
 
-/// One claim, retried while the coordinator is unavailable.
-async fn claim(worker: &Worker) -> Result<Claim, PullError> {
+/// One claim that waits up to `wait` on the server for work, retried while
+/// the coordinator is unavailable.
+async fn claim(worker: &Worker, wait: Duration) -> Result<Claim, PullError> {
     let request = ClaimJobRequest {
         worker_id: worker.id.to_wire(),
         model_id: worker.model_id.clone(),
         model_revision: worker.model_revision.clone(),
         capabilities: Some(worker.capabilities.clone()),
-        wait: convert::proto_duration(CLAIM_WAIT),
+        wait: convert::proto_duration(wait),
     };
     let mut backoff = rpc::Backoff::default();
     loop {

@@ -270,6 +270,7 @@ impl Fixture {
             device: DeviceArg::Cpu,
             compute_dtype: None,
             batch_size: BatchSize::Fixed(2),
+            concurrent_jobs: None,
             worker_id: None,
             drain_timeout: Duration::from_secs(60),
             max_jobs: None,
@@ -286,6 +287,20 @@ impl Fixture {
         run_worker(self.options(addr), std::future::pending())
             .await
             .unwrap()
+    }
+
+    /// [`Fixture::run_until_idle`] with a worker that holds three jobs and
+    /// batches up to 8 prompts.
+    async fn run_holding_three_jobs(&self) -> PullReport {
+        let incoming = TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = incoming.local_addr().unwrap();
+        let _server = serve(&self.script, incoming);
+        let options = PullOptions {
+            concurrent_jobs: Some(3),
+            batch_size: BatchSize::Fixed(8),
+            ..self.options(addr)
+        };
+        run_worker(options, std::future::pending()).await.unwrap()
     }
 
     fn run_store(&self, run_id: &str) -> RunStore {
@@ -348,11 +363,17 @@ const PROMPTS: [(&str, &str); 2] = [
 ];
 
 /// `worker capture` of [`PROMPTS`] as set `pairs`, internals of layers 1
-/// and 3, 4 new tokens, into `out`.
+/// and 3, 4 new tokens, into `out`, in batches of 2 like the worker's.
 fn capture_with_the_cli(out: &Path) {
+    capture_prompts_with_the_cli(out, &PROMPTS, 2);
+}
+
+/// `worker capture` of `prompts` as set `pairs`, internals of layers 1 and
+/// 3, 4 new tokens, into `out`, `batch_size` prompts per batch.
+fn capture_prompts_with_the_cli(out: &Path, prompts: &[(&str, &str)], batch_size: usize) {
     let prompt_file = out.join("pairs.json");
     std::fs::create_dir_all(out).unwrap();
-    let prompts: Vec<_> = PROMPTS
+    let prompts: Vec<_> = prompts
         .iter()
         .map(|(id, text)| serde_json::json!({"id": id, "text": text, "note": ""}))
         .collect();
@@ -370,8 +391,8 @@ fn capture_with_the_cli(out: &Path) {
         chat_template: false,
         device: DeviceArg::Cpu,
         compute_dtype: None,
-        // the worker's batch size: the same batches give the same bytes
-        batch_size: BatchSize::Fixed(2),
+        // the worker's batches: the same batches give the same bytes
+        batch_size: BatchSize::Fixed(batch_size),
         out: out.to_path_buf(),
         progress: false,
     })
@@ -677,4 +698,89 @@ async fn the_worker_waits_for_a_coordinator_that_starts_late() {
         .unwrap()
         .unwrap();
     assert_eq!(report.jobs_completed, 1, "{report:?}");
+}
+
+/// Six prompts, captured by three jobs of two.
+const SIX: [(&str, &str); 6] = [
+    ("1", "Explain why the sky is blue."),
+    ("2", "Write a haiku about rust."),
+    ("3", "List three prime numbers."),
+    ("4", "What is a residual stream?"),
+    ("5", "Say hello in French."),
+    ("6", "Summarise the plot of Hamlet in one line."),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_jobs_with_the_same_settings_share_one_batch() {
+    let fixture = Fixture::new();
+    let run_id = RunId::new().to_wire();
+    let jobs: Vec<Job> = SIX
+        .chunks(2)
+        .map(|prompts| job(&fixture.store, &run_id, prompts, 4))
+        .collect();
+    for job in &jobs {
+        fixture.queue(job.clone());
+    }
+    let report = fixture.run_holding_three_jobs().await;
+    assert_eq!(report.jobs_completed, 3, "{report:?}");
+    // One batch of the three jobs' six prompts.
+    assert_eq!(fixture.metric("capture_worker_batch_jobs_count"), 1.0);
+    assert_eq!(fixture.metric("capture_worker_batch_jobs_sum"), 3.0);
+    assert_eq!(fixture.metric("capture_worker_batch_prompts_sum"), 6.0);
+    assert_eq!(fixture.metric("capture_worker_busy"), 0.0);
+
+    // Each job staged exactly its own prompts' artifacts, byte for byte
+    // what `worker capture` writes for the six prompts in one batch.
+    let cli_out = tempfile::tempdir().unwrap();
+    capture_prompts_with_the_cli(cli_out.path(), &SIX, 8);
+    let completed = fixture.script.calls(|c| c.completed.clone());
+    assert_eq!(completed.len(), 3);
+    let run = fixture.run_store(&run_id);
+    let mut tokens = 0;
+    for job in &jobs {
+        let complete = completed
+            .iter()
+            .find(|c| c.job_id == job.job_id)
+            .expect("every job completed");
+        let ids: Vec<&str> = job.prompts.iter().map(|p| p.prompt_id.as_str()).collect();
+        let mut seen: Vec<&str> = complete
+            .artifacts
+            .iter()
+            .map(|a| a.prompt_id.as_str())
+            .collect();
+        seen.dedup();
+        assert_eq!(seen, ids);
+        assert_eq!(complete.artifacts.len(), 4);
+        for record in &complete.artifacts {
+            let stored = run.get(&record.key).await.unwrap();
+            let written = std::fs::read(cli_out.path().join(&record.key)).unwrap();
+            assert!(stored == written, "{} differs", record.key);
+        }
+        tokens += complete.stats.unwrap().tokens_captured;
+    }
+    assert_eq!(tokens, report.tokens_captured);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_failing_in_a_group_leaves_the_others_and_other_settings_batch_apart() {
+    let fixture = Fixture::new();
+    let run_id = RunId::new().to_wire();
+    fixture.queue(job(&fixture.store, &run_id, &SIX[..2], 4));
+    // Longer than the tiny model's 512 positions: fails while prepared.
+    let long = "word ".repeat(600);
+    fixture.queue(job(&fixture.store, &run_id, &[("7", long.as_str())], 4));
+    // Other settings (2 new tokens): a batch of its own.
+    fixture.queue(job(&fixture.store, &run_id, &SIX[2..4], 2));
+    let report = fixture.run_holding_three_jobs().await;
+    assert_eq!(
+        (report.jobs_completed, report.jobs_failed),
+        (2, 1),
+        "{report:?}"
+    );
+    let failed = fixture.script.calls(|c| c.failed.clone());
+    assert!(!failed[0].retryable);
+    assert!(failed[0].error.contains("context"), "{}", failed[0].error);
+    assert_eq!(fixture.metric("capture_worker_batch_jobs_count"), 2.0);
+    assert_eq!(fixture.metric("capture_worker_batch_jobs_sum"), 2.0);
+    assert_eq!(fixture.metric("capture_worker_batch_prompts_sum"), 4.0);
 }
