@@ -43,8 +43,9 @@ const RUN_LONG_ABOUT: &str = "Pull capture jobs from a coordinator until stopped
     The model is loaded once; then the worker claims jobs for it (model id and --revision must match \
     the runs' model_id and model_revision), captures each job's prompts, uploads the .pt artifacts \
     under the job's staging prefix in --store and reports them to the coordinator, which publishes \
-    them at their documented keys. It holds up to --concurrent-jobs jobs and batches the prompts of \
-    those with the same capture settings together. A coordinator or database restart only delays \
+    them at their documented keys. It captures up to --concurrent-jobs jobs at once and batches the \
+    prompts of those with the same capture settings together; a job uploads while the next ones \
+    are captured. A coordinator or database restart only delays \
     the worker. SIGTERM or Ctrl-C stops claiming, lets the jobs held finish for up to \
     --drain-timeout seconds, gives them back otherwise, and exits 0.\n\n\
     S3 credentials and region come from the AWS_* environment variables; AWS_ENDPOINT_URL (or \
@@ -200,7 +201,7 @@ pub struct RunArgs {
         value_name = "N|auto"
     )]
     pub batch_size: BatchSize,
-    /// Jobs held at once (default: 1 on cpu, 4 on cuda); the prompts of held jobs with the same capture settings share batches, so a GPU worker batches beyond one job's shard (coordinator submit --shard-size, 4 prompts by default)
+    /// Jobs captured at once (default: 1 on cpu, 4 on cuda); the prompts of those with the same capture settings share batches, so a GPU worker batches beyond one job's shard (coordinator submit --shard-size, 4 prompts by default). A job's uploads overlap the next jobs' capture
     #[arg(long, env = "CAPTURE_CONCURRENT_JOBS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub concurrent_jobs: Option<u16>,
     /// Bearer token for the coordinator (falls back to CAPTURE_TOKEN)

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc as std_mpsc};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tracing::{debug, error};
 
 use super::Engine;
@@ -76,6 +76,15 @@ pub(crate) struct Capturer {
 /// is free lingers while any exists. Dropping it (once the job has
 /// submitted, or ended without doing so) takes it back.
 pub(crate) struct Expected(Arc<AtomicUsize>);
+
+/// What a claimed job holds until its capture is done: one of the worker's
+/// `--concurrent-jobs` slots, given back as soon as its last prompt is
+/// captured (its uploads and completion then overlap the next jobs'
+/// compute), and its mark on the capture thread until it submits.
+pub(crate) struct Held {
+    pub(crate) slot: OwnedSemaphorePermit,
+    pub(crate) expected: Expected,
+}
 
 impl Drop for Expected {
     fn drop(&mut self) {

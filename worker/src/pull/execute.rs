@@ -15,7 +15,7 @@ use bytes::Bytes;
 use capture_proto::Fence;
 use tokio::sync::{mpsc, oneshot};
 
-use super::compute::{Capturer, Expected, Submission};
+use super::compute::{Capturer, Held, Submission};
 use super::convert::JobPlan;
 use super::error::JobError;
 use super::heartbeat::Progress;
@@ -49,8 +49,8 @@ pub(crate) struct Execution {
 /// Everything one job's capture needs.
 pub(crate) struct JobRun {
     pub(crate) capturer: Capturer,
-    /// Taken back once the prompts are submitted.
-    pub(crate) expected: Expected,
+    /// Its slot and mark, given back once captured and submitted.
+    pub(crate) held: Held,
     pub(crate) plan: JobPlan,
     pub(crate) run: RunStore,
     pub(crate) fence: Fence,
@@ -93,7 +93,7 @@ pub(crate) async fn execute(job: JobRun) -> Result<Execution, JobError> {
         queue,
         done,
     });
-    drop(job.expected);
+    drop(job.held.expected);
     if let Err(error) = submitted {
         job.stop.store(true, Ordering::Relaxed);
         return Err(error);
@@ -101,6 +101,8 @@ pub(crate) async fn execute(job: JobRun) -> Result<Execution, JobError> {
     let captured = result.await.map_err(|_| {
         JobError::Internal("the capture thread dropped the job (a panic, see the log)".into())
     });
+    // Captured: the worker may claim the next job while this one uploads.
+    drop(job.held.slot);
     let uploaded = uploads
         .await
         .map_err(|e| JobError::Internal(format!("the upload task failed: {e}")))?;

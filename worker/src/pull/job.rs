@@ -11,7 +11,7 @@ use capture_proto::v1::{CompleteJobRequest, FailJobRequest, Job, JobState, Relea
 use capture_proto::{CaptureServiceError, Fence};
 use tracing::{error, info, warn};
 
-use super::compute::Expected;
+use super::compute::Held;
 use super::convert::{AttemptStats, JobPlan, artifact_record, plan_job, std_duration};
 use super::error::JobError;
 use super::execute::{Execution, JobRun, execute};
@@ -88,13 +88,13 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Runs one claimed job and reports its result to the coordinator;
-/// `expected` is this job's mark on the capture thread, taken back once its
-/// prompts are submitted or it ends without them.
+/// Runs one claimed job and reports its result to the coordinator; `held`
+/// (its slot and its mark on the capture thread) is given back once its
+/// capture is done, or when it ends without one.
 pub(crate) async fn run_job(
     worker: &Worker,
     job: Job,
-    expected: Expected,
+    held: Held,
     mut shutdown: Shutdown,
 ) -> JobOutcome {
     let fence = match job.fence(worker.id) {
@@ -144,7 +144,7 @@ pub(crate) async fn run_job(
     let _heartbeat = AbortOnDrop(heartbeat);
     let work = execute(JobRun {
         capturer: worker.capturer.clone(),
-        expected,
+        held,
         plan,
         run,
         fence,

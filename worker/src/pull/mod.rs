@@ -4,12 +4,14 @@
 //! completes the job.
 //!
 //! The loop: register (retried while the coordinator is unavailable), then
-//! claim with a long poll while fewer than [`PullOptions::concurrent_jobs`]
-//! jobs are held; each claimed job is captured on the worker's capture
-//! thread (in batches shared with the other held jobs of the same capture
-//! settings, see `compute`) while a heartbeat task keeps its lease and
-//! reports progress. A coordinator restart only ever delays the loop: every
-//! call is retried with capped, jittered exponential backoff. When the
+//! claim while fewer than [`PullOptions::concurrent_jobs`] claimed jobs are
+//! not yet captured (with a long poll when the worker holds none); each
+//! claimed job is captured on the worker's capture thread (in batches shared
+//! with the other jobs of the same capture settings, see `compute`) while a
+//! heartbeat task keeps its lease and reports progress. A job whose capture
+//! is done gives its slot back at once: its uploads and completion overlap
+//! the next jobs' compute. A coordinator restart only ever delays the loop:
+//! every call is retried with capped, jittered exponential backoff. When the
 //! shutdown future fires the worker stops claiming, lets the jobs it holds
 //! finish for up to [`PullOptions::drain_timeout`], releases them
 //! otherwise, deregisters and returns its [`PullReport`].
@@ -41,7 +43,7 @@ use capture_proto::{
 };
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tracing::{info, warn};
 
 use self::compute::Capturer;
@@ -84,8 +86,9 @@ pub struct PullOptions {
     /// Prompts per forward pass; `auto` is resolved per job from its
     /// longest prompt and the free memory.
     pub batch_size: BatchSize,
-    /// Jobs held at once; their prompts share forward passes when their
-    /// capture settings match. Default ([`default_concurrent_jobs`]): 1 on
+    /// Claimed jobs captured at once; their prompts share forward passes
+    /// when their capture settings match (jobs that are done capturing and
+    /// still uploading do not count). Default ([`default_concurrent_jobs`]): 1 on
     /// the CPU, 4 on GPUs.
     pub concurrent_jobs: Option<usize>,
     /// A UUID; default: a fresh UUIDv7.
@@ -311,11 +314,12 @@ async fn pull_loop(
     let mut claimed = 0u64;
     let mut idle = rpc::Backoff::new(IDLE_PAUSE_MIN, IDLE_PAUSE_MAX);
     let mut running = FuturesUnordered::new();
+    // One per job held until its capture is done (`--concurrent-jobs`).
+    let slots = Arc::new(Semaphore::new(worker.concurrent_jobs));
     // At most one claim in flight, kept across the loop's turns: dropping
-    // it could lose a job the coordinator has already leased to us.
-    let mut claiming: Option<ClaimInFlight<'_>> = None;
-    // Keeps a free capture thread waiting for the job a claim may bring.
-    let mut claim_expected: Option<compute::Expected> = None;
+    // it could lose a job the coordinator has already leased to us. It
+    // holds a slot and keeps a free capture thread waiting for its job.
+    let mut claiming: Option<(ClaimInFlight<'_>, compute::Held)> = None;
     let mut pause: Option<Pin<Box<tokio::time::Sleep>>> = None;
     // `exit_when_idle` and a claim found no work, or claims are refused:
     // finish what is held.
@@ -326,25 +330,11 @@ async fn pull_loop(
             // Stopping: an unanswered claim is given up (a job it got
             // leased is retried once its lease expires).
             claiming = None;
-            claim_expected = None;
             pause = None;
-        } else if claiming.is_none()
-            && pause.is_none()
-            && !no_more
-            && running.len() < worker.concurrent_jobs
-            && options.max_jobs.is_none_or(|max| claimed < max)
-        {
-            // A worker holding jobs only takes what is there now: its
-            // capture thread may be waiting to batch with it.
-            let wait = if running.is_empty() {
-                CLAIM_WAIT
-            } else {
-                Duration::ZERO
-            };
-            claim_expected = Some(worker.capturer.expect());
-            claiming = Some(Box::pin(claim(worker, wait)));
         }
-        if claiming.is_none() && pause.is_none() && running.is_empty() {
+        let want_claim =
+            !shutdown.fired() && !no_more && options.max_jobs.is_none_or(|max| claimed < max);
+        if !want_claim && claiming.is_none() && running.is_empty() {
             break;
         }
         tokio::select! {
@@ -352,13 +342,22 @@ async fn pull_loop(
                 let outcome: JobOutcome = outcome;
                 outcome.count(&mut report);
             }
-            claim = async { claiming.as_mut().expect("guarded").await }, if claiming.is_some() => {
-                claiming = None;
+            slot = Arc::clone(&slots).acquire_owned(),
+                if want_claim && claiming.is_none() && pause.is_none() =>
+            {
+                let slot = slot.map_err(|e| PullError::Internal(format!("job slots closed: {e}")))?;
+                // A worker holding jobs only takes what is there now: its
+                // capture thread may be waiting to batch with it.
+                let wait = if running.is_empty() { CLAIM_WAIT } else { Duration::ZERO };
+                let held = compute::Held { slot, expected: worker.capturer.expect() };
+                claiming = Some((Box::pin(claim(worker, wait)), held));
+            }
+            claim = async { claiming.as_mut().expect("guarded").0.as_mut().await }, if claiming.is_some() => {
+                let (_, held) = claiming.take().expect("guarded");
                 let claim = match claim {
                     Ok(claim) => claim,
                     Err(error) => {
                         // Fatal (a refusal, TLS): the jobs held still finish.
-                        claim_expected = None;
                         no_more = true;
                         refused = Some(error);
                         continue;
@@ -368,13 +367,9 @@ async fn pull_loop(
                     Claim::Job(job) => {
                         claimed += 1;
                         idle.reset();
-                        let expected = claim_expected
-                            .take()
-                            .unwrap_or_else(|| worker.capturer.expect());
-                        running.push(run_claimed(worker, *job, expected, shutdown.clone()));
+                        running.push(run_claimed(worker, *job, held, shutdown.clone()));
                     }
                     Claim::NoWork { retry_after } => {
-                        claim_expected = None;
                         if options.exit_when_idle {
                             info!(worker_id = %worker.id, held = running.len(), "no work left: stopping");
                             no_more = true;
@@ -413,12 +408,12 @@ async fn pull_loop(
 async fn run_claimed(
     worker: &Worker,
     job: capture_proto::v1::Job,
-    expected: compute::Expected,
+    held: compute::Held,
     shutdown: Shutdown,
 ) -> JobOutcome {
     let busy = worker.metrics.busy();
     let started = std::time::Instant::now();
-    let outcome = job::run_job(worker, job, expected, shutdown).await;
+    let outcome = job::run_job(worker, job, held, shutdown).await;
     worker.metrics.job_finished(outcome, started.elapsed());
     drop(busy);
     outcome

@@ -60,6 +60,9 @@ struct Calls {
     failed: Vec<FailJobRequest>,
     released: Vec<ReleaseJobRequest>,
     deregistered: usize,
+    /// Jobs handed out and completions recorded, in order: ("claimed" or
+    /// "completed", job id).
+    events: Vec<(&'static str, String)>,
 }
 
 /// Hands out its queued jobs in order, then no work; heartbeats answer as
@@ -70,6 +73,8 @@ struct Script {
     handed_out: Mutex<HashMap<String, Job>>,
     cancel: AtomicBool,
     lose_lease: AtomicBool,
+    /// How long a completion takes before it is recorded, in milliseconds.
+    complete_delay_ms: std::sync::atomic::AtomicU64,
     store: Option<ArtifactStore>,
     calls: Mutex<Calls>,
 }
@@ -114,6 +119,8 @@ impl WorkerService for TestCoordinator {
         if let Some(job) = &job {
             let mut handed = self.0.handed_out.lock().unwrap();
             handed.insert(job.job_id.clone(), job.clone());
+            let event = ("claimed", job.job_id.clone());
+            self.0.calls.lock().unwrap().events.push(event);
         }
         Ok(Response::new(ClaimJobResponse {
             job,
@@ -148,6 +155,8 @@ impl WorkerService for TestCoordinator {
         request: Request<CompleteJobRequest>,
     ) -> Result<Response<CompleteJobResponse>, Status> {
         let request = request.into_inner();
+        let delay = self.0.complete_delay_ms.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
         let job = self
             .0
             .handed_out
@@ -164,7 +173,9 @@ impl WorkerService for TestCoordinator {
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?;
         }
-        self.0.calls.lock().unwrap().completed.push(request);
+        let mut calls = self.0.calls.lock().unwrap();
+        calls.events.push(("completed", request.job_id.clone()));
+        calls.completed.push(request);
         Ok(Response::new(CompleteJobResponse {}))
     }
 
@@ -497,6 +508,9 @@ async fn a_replay_job_reads_the_earlier_run_from_the_store() {
     let fixture = Fixture::new();
     let first_run = RunId::new().to_wire();
     fixture.queue(job(&fixture.store, &first_run, &PROMPTS, 4));
+    // The replayed run is finished first: a worker claims its next job as
+    // soon as a capture is done, while that job still uploads.
+    assert_eq!(fixture.run_until_idle().await.jobs_completed, 1);
     let replay_run = RunId::new().to_wire();
     let mut replay = job(&fixture.store, &replay_run, &PROMPTS, 0);
     let root = fixture.run_store(&first_run).root_url();
@@ -514,7 +528,7 @@ async fn a_replay_job_reads_the_earlier_run_from_the_store() {
     fixture.queue(relative);
 
     let report = fixture.run_until_idle().await;
-    assert_eq!(report.jobs_completed, 3, "{report:?}");
+    assert_eq!(report.jobs_completed, 2, "{report:?}");
     let completed = fixture.script.calls(|c| c.completed.clone());
     // Replaying greedy responses on the same model reproduces them exactly.
     for (original, replayed) in completed[0].artifacts.iter().zip(&completed[1].artifacts) {
@@ -783,4 +797,34 @@ async fn a_job_failing_in_a_group_leaves_the_others_and_other_settings_batch_apa
     assert_eq!(fixture.metric("capture_worker_batch_jobs_count"), 2.0);
     assert_eq!(fixture.metric("capture_worker_batch_jobs_sum"), 2.0);
     assert_eq!(fixture.metric("capture_worker_batch_prompts_sum"), 4.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_job_is_claimed_while_a_captured_one_completes() {
+    let fixture = Fixture::new();
+    let run_id = RunId::new().to_wire();
+    let first = job(&fixture.store, &run_id, &SIX[..2], 2);
+    let second = job(&fixture.store, &run_id, &SIX[2..4], 2);
+    let (first_id, second_id) = (first.job_id.clone(), second.job_id.clone());
+    fixture.queue(first);
+    fixture.queue(second);
+    fixture
+        .script
+        .complete_delay_ms
+        .store(500, std::sync::atomic::Ordering::Relaxed);
+    // One job captured at a time (the CPU default).
+    let report = fixture.run_until_idle().await;
+    assert_eq!(report.jobs_completed, 2, "{report:?}");
+    let events = fixture.script.calls(|c| c.events.clone());
+    let at = |event: (&'static str, &String)| {
+        events
+            .iter()
+            .position(|(kind, id)| (*kind, id) == event)
+            .unwrap_or_else(|| panic!("no {event:?} in {events:?}"))
+    };
+    // The second job's capture did not wait for the first's completion.
+    assert!(
+        at(("claimed", &second_id)) < at(("completed", &first_id)),
+        "{events:?}"
+    );
 }
