@@ -87,9 +87,9 @@ pub struct PullOptions {
     /// longest prompt and the free memory.
     pub batch_size: BatchSize,
     /// Claimed jobs captured at once; their prompts share forward passes
-    /// when their capture settings match (jobs that are done capturing and
-    /// still uploading do not count). Default ([`default_concurrent_jobs`]): 1 on
-    /// the CPU, 4 on GPUs.
+    /// when their capture settings match. Jobs done capturing and still
+    /// uploading do not count, up to as many again. Default
+    /// ([`default_concurrent_jobs`]): 1 on the CPU, 4 on GPUs.
     pub concurrent_jobs: Option<usize>,
     /// A UUID; default: a fresh UUIDv7.
     pub worker_id: Option<String>,
@@ -316,6 +316,10 @@ async fn pull_loop(
     let mut running = FuturesUnordered::new();
     // One per job held until its capture is done (`--concurrent-jobs`).
     let slots = Arc::new(Semaphore::new(worker.concurrent_jobs));
+    // Jobs captured and still uploading count too, up to as many again: the
+    // artifacts waiting for upload stay within one more group's, however
+    // slow the store.
+    let most_held = 2 * worker.concurrent_jobs;
     // At most one claim in flight, kept across the loop's turns: dropping
     // it could lose a job the coordinator has already leased to us. It
     // holds a slot and keeps a free capture thread waiting for its job.
@@ -343,7 +347,10 @@ async fn pull_loop(
                 outcome.count(&mut report);
             }
             slot = Arc::clone(&slots).acquire_owned(),
-                if want_claim && claiming.is_none() && pause.is_none() =>
+                if want_claim
+                    && claiming.is_none()
+                    && pause.is_none()
+                    && running.len() < most_held =>
             {
                 let slot = slot.map_err(|e| PullError::Internal(format!("job slots closed: {e}")))?;
                 // A worker holding jobs only takes what is there now: its

@@ -803,18 +803,22 @@ async fn a_job_failing_in_a_group_leaves_the_others_and_other_settings_batch_apa
 async fn the_next_job_is_claimed_while_a_captured_one_completes() {
     let fixture = Fixture::new();
     let run_id = RunId::new().to_wire();
-    let first = job(&fixture.store, &run_id, &SIX[..2], 2);
-    let second = job(&fixture.store, &run_id, &SIX[2..4], 2);
-    let (first_id, second_id) = (first.job_id.clone(), second.job_id.clone());
-    fixture.queue(first);
-    fixture.queue(second);
+    let ids: Vec<String> = SIX
+        .chunks(2)
+        .map(|prompts| {
+            let job = job(&fixture.store, &run_id, prompts, 2);
+            let id = job.job_id.clone();
+            fixture.queue(job);
+            id
+        })
+        .collect();
     fixture
         .script
         .complete_delay_ms
         .store(500, std::sync::atomic::Ordering::Relaxed);
     // One job captured at a time (the CPU default).
     let report = fixture.run_until_idle().await;
-    assert_eq!(report.jobs_completed, 2, "{report:?}");
+    assert_eq!(report.jobs_completed, 3, "{report:?}");
     let events = fixture.script.calls(|c| c.events.clone());
     let at = |event: (&'static str, &String)| {
         events
@@ -822,9 +826,14 @@ async fn the_next_job_is_claimed_while_a_captured_one_completes() {
             .position(|(kind, id)| (*kind, id) == event)
             .unwrap_or_else(|| panic!("no {event:?} in {events:?}"))
     };
-    // The second job's capture did not wait for the first's completion.
+    // The second job's capture did not wait for the first's completion...
     assert!(
-        at(("claimed", &second_id)) < at(("completed", &first_id)),
+        at(("claimed", &ids[1])) < at(("completed", &ids[0])),
+        "{events:?}"
+    );
+    // ...but with one job captured and one completing, the third waited.
+    assert!(
+        at(("claimed", &ids[2])) > at(("completed", &ids[0])),
         "{events:?}"
     );
 }
