@@ -58,10 +58,11 @@ pub(crate) struct Submission {
     pub(crate) progress: Arc<Progress>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) metrics: WorkerMetrics,
-    /// Where its artifacts go, in capture order.
-    pub(crate) queue: mpsc::Sender<PendingUpload>,
-    /// Where its result goes.
-    pub(crate) done: oneshot::Sender<Result<Captured, JobError>>,
+    /// Where its artifacts go, in capture order; `None` once finished
+    /// (dropping it ends the job's upload task).
+    pub(crate) queue: Option<mpsc::Sender<PendingUpload>>,
+    /// Where its result goes; `None` once told.
+    pub(crate) done: Option<oneshot::Sender<Result<Captured, JobError>>>,
 }
 
 /// The handle jobs submit through; the thread ends once every handle is
@@ -172,14 +173,7 @@ fn linger(
 
 /// One job of a group, while the thread holds it.
 struct Member {
-    plan: JobPlan,
-    replay: Option<StoreReplay>,
-    progress: Arc<Progress>,
-    stop: Arc<AtomicBool>,
-    metrics: WorkerMetrics,
-    /// `None` once finished: dropping it ends the job's upload task.
-    queue: Option<mpsc::Sender<PendingUpload>>,
-    done: Option<oneshot::Sender<Result<Captured, JobError>>>,
+    job: Submission,
     /// Prompts not captured yet.
     remaining: usize,
     compute: Duration,
@@ -187,15 +181,9 @@ struct Member {
 }
 
 impl Member {
-    fn new(submission: Submission) -> Self {
+    fn new(job: Submission) -> Self {
         Self {
-            plan: submission.plan,
-            replay: submission.replay,
-            progress: submission.progress,
-            stop: submission.stop,
-            metrics: submission.metrics,
-            queue: Some(submission.queue),
-            done: Some(submission.done),
+            job,
             remaining: 0,
             compute: Duration::ZERO,
             queued: 0,
@@ -203,13 +191,13 @@ impl Member {
     }
 
     fn active(&self) -> bool {
-        self.done.is_some()
+        self.job.done.is_some()
     }
 
     /// Hands the job its result (once) and lets its upload task end.
     fn finish(&mut self, result: Result<Captured, JobError>) {
-        self.queue = None;
-        if let Some(done) = self.done.take() {
+        self.job.queue = None;
+        if let Some(done) = self.job.done.take() {
             // The job may have stopped waiting (drain timeout): nothing to tell.
             let _ = done.send(result);
         }
@@ -233,6 +221,7 @@ impl Member {
     /// has stopped (its error is the job's).
     fn send(&mut self, upload: PendingUpload) -> bool {
         let sent = self
+            .job
             .queue
             .as_ref()
             .is_some_and(|queue| queue.blocking_send(upload).is_ok());
@@ -252,7 +241,7 @@ fn capture_group(engine: &Engine, settings: &CaptureSettings, mut members: Vec<M
     let mut owners: Vec<usize> = Vec::new();
     let mut prompts: Vec<PreparedPrompt> = Vec::new();
     for (index, member) in members.iter_mut().enumerate() {
-        if member.stop.load(Ordering::Relaxed) {
+        if member.job.stop.load(Ordering::Relaxed) {
             member.finish_stopped();
             continue;
         }
@@ -262,9 +251,9 @@ fn capture_group(engine: &Engine, settings: &CaptureSettings, mut members: Vec<M
         let prepared = prepare_prompts(
             meta,
             settings,
-            &member.plan.set,
-            &member.plan.prompts,
-            member.replay.as_ref().map(|r| r as &dyn ReplaySource),
+            &member.job.plan.set,
+            &member.job.plan.prompts,
+            member.job.replay.as_ref().map(|r| r as &dyn ReplaySource),
         );
         member.compute += started.elapsed();
         match prepared {
@@ -291,7 +280,7 @@ fn capture_group(engine: &Engine, settings: &CaptureSettings, mut members: Vec<M
     while start < prompts.len() {
         let end = (start + batch_size).min(prompts.len());
         for member in &mut members {
-            if member.active() && member.stop.load(Ordering::Relaxed) {
+            if member.active() && member.job.stop.load(Ordering::Relaxed) {
                 member.finish_stopped();
             }
         }
@@ -322,15 +311,15 @@ fn capture_rows(
     let mut jobs: Vec<usize> = rows.iter().map(|&i| owners[i]).collect();
     jobs.dedup();
     if let Some(member) = members.get(jobs[0]) {
-        member.metrics.batch(jobs.len(), batch.len());
+        member.job.metrics.batch(jobs.len(), batch.len());
     }
     let started = Instant::now();
     let captured = {
         let members = &*members;
         let mut on_token = |row: usize| {
             let member = &members[owners[rows[row]]];
-            member.progress.tokens.fetch_add(1, Ordering::Relaxed);
-            member.metrics.tokens_captured(1);
+            member.job.progress.tokens.fetch_add(1, Ordering::Relaxed);
+            member.job.metrics.tokens_captured(1);
         };
         capture_prepared_batch(&engine.meta, &engine.model, settings, &batch, &mut on_token)
     };
@@ -355,8 +344,12 @@ fn capture_rows(
             continue;
         }
         let tokens = prompt.prompt_tokens as u64;
-        member.progress.tokens.fetch_add(tokens, Ordering::Relaxed);
-        member.metrics.tokens_captured(tokens);
+        member
+            .job
+            .progress
+            .tokens
+            .fetch_add(tokens, Ordering::Relaxed);
+        member.job.metrics.tokens_captured(tokens);
         let mut sent = true;
         for artifact in &prompt.artifacts {
             // Size and sha256 come from the upload, which hashes as it sends.
@@ -375,7 +368,11 @@ fn capture_rows(
             member.finish_stopped();
             continue;
         }
-        member.progress.prompts_done.fetch_add(1, Ordering::Relaxed);
+        member
+            .job
+            .progress
+            .prompts_done
+            .fetch_add(1, Ordering::Relaxed);
         member.remaining -= 1;
         if member.remaining == 0 {
             let captured = member.captured(false);

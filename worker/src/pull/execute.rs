@@ -90,8 +90,8 @@ pub(crate) async fn execute(job: JobRun) -> Result<Execution, JobError> {
         progress: job.progress,
         stop: Arc::clone(&job.stop),
         metrics: job.metrics,
-        queue,
-        done,
+        queue: Some(queue),
+        done: Some(done),
     });
     drop(job.held.expected);
     if let Err(error) = submitted {

@@ -300,6 +300,19 @@ impl Fixture {
             .unwrap()
     }
 
+    /// Queues three jobs of two of [`SIX`] each in run `run_id`, in order,
+    /// and returns them.
+    fn queue_six_in_pairs(&self, run_id: &str, max_new_tokens: u32) -> Vec<Job> {
+        let jobs: Vec<Job> = SIX
+            .chunks(2)
+            .map(|prompts| job(&self.store, run_id, prompts, max_new_tokens))
+            .collect();
+        for job in &jobs {
+            self.queue(job.clone());
+        }
+        jobs
+    }
+
     /// [`Fixture::run_until_idle`] with a worker that holds three jobs and
     /// batches up to 8 prompts.
     async fn run_holding_three_jobs(&self) -> PullReport {
@@ -728,13 +741,7 @@ const SIX: [(&str, &str); 6] = [
 async fn held_jobs_with_the_same_settings_share_one_batch() {
     let fixture = Fixture::new();
     let run_id = RunId::new().to_wire();
-    let jobs: Vec<Job> = SIX
-        .chunks(2)
-        .map(|prompts| job(&fixture.store, &run_id, prompts, 4))
-        .collect();
-    for job in &jobs {
-        fixture.queue(job.clone());
-    }
+    let jobs = fixture.queue_six_in_pairs(&run_id, 4);
     let report = fixture.run_holding_three_jobs().await;
     assert_eq!(report.jobs_completed, 3, "{report:?}");
     // One batch of the three jobs' six prompts.
@@ -803,14 +810,10 @@ async fn a_job_failing_in_a_group_leaves_the_others_and_other_settings_batch_apa
 async fn the_next_job_is_claimed_while_a_captured_one_completes() {
     let fixture = Fixture::new();
     let run_id = RunId::new().to_wire();
-    let ids: Vec<String> = SIX
-        .chunks(2)
-        .map(|prompts| {
-            let job = job(&fixture.store, &run_id, prompts, 2);
-            let id = job.job_id.clone();
-            fixture.queue(job);
-            id
-        })
+    let ids: Vec<String> = fixture
+        .queue_six_in_pairs(&run_id, 2)
+        .into_iter()
+        .map(|job| job.job_id)
         .collect();
     fixture
         .script
