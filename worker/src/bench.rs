@@ -7,14 +7,14 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::DType;
 use serde::Serialize;
 
 use crate::capture::{
-    BatchItem, CaptureMode, ResponsePlan, Sampling, TokenTexts, capture_batch, capture_prompt,
-    generate, internals_artifact, residual_artifact,
+    BatchItem, CaptureMode, ResponsePlan, Sampling, StepPhases, TokenTexts, capture_batch,
+    capture_batch_profiled, capture_prompt, generate, internals_artifact, residual_artifact,
 };
 use crate::error::{CaptureError, Result};
 use crate::loader::{DeviceArg, dtype_name};
@@ -308,20 +308,32 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
         reset_peak_memory();
         let mut best = f64::INFINITY;
         let mut encode = f64::INFINITY;
+        let mut assembly_share = 0.0;
         for _ in 0..options.repeats {
             let start = Instant::now();
             let traces = capture_batch(&model, &items, &request, &mut |_| {})?;
             best = best.min(start.elapsed().as_secs_f64());
             let start = Instant::now();
+            let mut assembly = Duration::ZERO;
             for trace in &traces {
+                let assembling = Instant::now();
                 let (p, r) = (texts(&trace.prompt_ids), texts(&trace.response_ids));
-                encode_pt(&residual_artifact(trace, &p, &r, StoreDtype::F32), "bench")?;
+                let value = residual_artifact(trace, &p, &r, StoreDtype::F32);
+                assembly += assembling.elapsed();
+                encode_pt(&value, "bench")?;
             }
-            encode = encode.min(start.elapsed().as_secs_f64() / batch as f64);
+            let per_prompt = start.elapsed().as_secs_f64() / batch as f64;
+            if per_prompt < encode {
+                encode = per_prompt;
+                assembly_share = assembly.as_secs_f64() / batch as f64;
+            }
         }
         let name = format!("residual capture, all layers, batch of {batch}");
         let seconds_per_token = best / (batch * options.new_tokens) as f64;
-        log(&format!("{name}: {seconds_per_token:.3} s/token"));
+        log(&format!(
+            "{name}: {seconds_per_token:.3} s/token; per prompt {assembly_share:.4} s assembling, {:.4} s encoding",
+            encode - assembly_share
+        ));
         rows.push(BenchRow {
             workload: name,
             batch,
@@ -331,6 +343,11 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
             overhead_vs_plain: seconds_per_token / plain_per_token - 1.0,
             peak_memory_bytes: peak_resident_memory(),
         });
+        // One more batch, timed phase by phase (not in the table: waiting
+        // for the device between phases slows it down).
+        let mut phases = StepPhases::default();
+        capture_batch_profiled(&model, &items, &request, &mut phases)?;
+        log(&phase_line(batch, &phases));
     }
     drop(model);
     let transformers = match &options.transformers {
@@ -361,8 +378,19 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
     })
 }
 
-/// Starts a new peak for [`peak_resident_memory`] (Linux: writing 5 to
-/// `/proc/self/clear_refs` resets `VmHWM` to the current resident size).
+/// Where one profiled batch's time went, per pass, as the bench logs it.
+fn phase_line(batch: usize, phases: &StepPhases) -> String {
+    let per_pass = |d: Duration| d.as_secs_f64() * 1e3 / phases.passes.max(1) as f64;
+    format!(
+        "residual capture, batch of {batch}, ms per pass ({} passes, profiled): forward {:.2}, to host {:.2}, record {:.2}, choose {:.2}",
+        phases.passes,
+        per_pass(phases.forward),
+        per_pass(phases.to_host),
+        per_pass(phases.record),
+        per_pass(phases.choose),
+    )
+}
+
 /// The shortest of `repeats` runs of `run`, in seconds.
 fn best_of(repeats: usize, mut run: impl FnMut() -> Result<()>) -> Result<f64> {
     let mut best = f64::INFINITY;
@@ -374,6 +402,8 @@ fn best_of(repeats: usize, mut run: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(best)
 }
 
+/// Starts a new peak for [`peak_resident_memory`] (Linux: writing 5 to
+/// `/proc/self/clear_refs` resets `VmHWM` to the current resident size).
 fn reset_peak_memory() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 
 use super::decode::Sampling;
-use super::engine::{BatchItem, ResponsePlan, capture_batch, capture_prompt};
+use super::engine::{
+    BatchItem, ResponsePlan, TokenSite, capture_batch, capture_batch_at, capture_prompt,
+};
 use super::trace::{PromptTrace, Rows};
 use crate::loader::ModelMeta;
 use crate::model::{CaptureRequest, Gemma2, LayerWants};
@@ -176,6 +178,64 @@ pub(super) fn batched_equals_one_at_a_time(meta: &ModelMeta, model: &Gemma2) {
         );
         assert_traces_close(&format!("item {i}"), &batched[i], &alone);
     }
+}
+
+/// Greedy tokens chosen where the logits are (what a GPU does) are the
+/// host's choices, and the traces are the same bits; the CPU runs the device
+/// path here by being told to. A sampled item in the batch still samples.
+#[test]
+fn tokens_chosen_on_the_device_are_the_hosts() {
+    let (meta, model) = tiny_on(&Device::Cpu, DType::F32);
+    let encode = |text: &str| meta.tokenizer.encode_prompt(text).unwrap();
+    let (short, long) = (
+        encode("Hi"),
+        encode("Write a long and careful answer about bridges, tunnels and their builders."),
+    );
+    let greedy = Sampling::Greedy;
+    let sampled = Sampling::Temperature {
+        temperature: 0.8,
+        top_p: None,
+        seed: 3,
+    };
+    let generate = |sampling, prompt_key| ResponsePlan::Generate {
+        sampling,
+        max_new_tokens: 8,
+        eos_ids: &[],
+        prompt_key,
+    };
+    let replay = [5u32, 6, 7];
+    let items = [
+        BatchItem {
+            prompt_ids: &long,
+            plan: generate(&greedy, "t/1"),
+        },
+        BatchItem {
+            prompt_ids: &short,
+            plan: generate(&greedy, "t/2"),
+        },
+        BatchItem {
+            prompt_ids: &short,
+            plan: ResponsePlan::Replay(&replay),
+        },
+        BatchItem {
+            prompt_ids: &long,
+            plan: generate(&sampled, "t/4"),
+        },
+    ];
+    let request = everything(meta.config.num_hidden_layers);
+    let capture =
+        |site| capture_batch_at(&model, &items, &request, site, None, &mut |_| {}).unwrap();
+    let (device, host) = (capture(TokenSite::Device), capture(TokenSite::Host));
+    assert!(device[0].response_ids.len() == 8 && device[3].response_ids.len() == 8);
+    for (i, (d, h)) in device.iter().zip(&host).enumerate() {
+        assert_eq!(d.response_ids, h.response_ids, "item {i}");
+        for (ld, lh) in d.layers.iter().zip(&h.layers) {
+            assert_eq!(ld.residual_out.data, lh.residual_out.data, "item {i}");
+            assert_eq!(ld.attention.rows, lh.attention.rows, "item {i}");
+        }
+    }
+    // On the CPU the batch's logits stay on the host unless told otherwise.
+    assert_eq!(TokenSite::for_batch(&model, &items), TokenSite::Host);
 }
 
 /// The tiny fixture re-saved the way Gemma-2 is released (every tensor in

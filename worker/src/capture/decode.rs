@@ -1,6 +1,7 @@
 //! Choosing the next token: greedy, or temperature sampling with optional
 //! top-p, driven by an explicit seed so that runs are reproducible.
 
+use candle_core::{D, DType, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -65,6 +66,11 @@ impl TokenChooser {
         }
     }
 
+    /// Whether it picks the most likely token (no randomness).
+    pub fn is_greedy(&self) -> bool {
+        self.rng.is_none()
+    }
+
     /// Picks a token id from final logits.
     pub fn choose(&mut self, logits: &[f32]) -> u32 {
         match (&self.sampling, self.rng.as_mut()) {
@@ -96,6 +102,36 @@ pub fn argmax(logits: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// [`argmax`] of every row of `[rows, vocab]` logits, computed where they
+/// are, so that a GPU sends a few bytes per sequence to the host instead of
+/// its whole vocabulary of f32 logits (1 MB per sequence and step for
+/// gemma-2). Exactly [`argmax`]'s choice: the row's maximum (a reduction,
+/// exact in any order) and the first column holding it (a maximum of
+/// `vocab - column` over those columns, exact in f32 below 2^24 columns).
+/// A row with a NaN is `None`, left to [`argmax`] on the host: how a device
+/// reduction orders NaN against numbers is not specified.
+pub fn argmax_rows(logits: &Tensor) -> candle_core::Result<Vec<Option<u32>>> {
+    let (_, vocab) = logits.dims2()?;
+    if vocab >= 1 << 24 {
+        candle_core::bail!("{vocab} columns are beyond exact f32 indices");
+    }
+    let logits = logits.to_dtype(DType::F32)?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    let hits = logits.broadcast_eq(&max)?.to_dtype(DType::F32)?;
+    // `vocab - column`: the largest marks the first hit; 0 means no hit.
+    let from_end = Tensor::arange(0u32, vocab as u32, logits.device())?
+        .to_dtype(DType::F32)?
+        .affine(-1.0, vocab as f64)?;
+    let first = hits.broadcast_mul(&from_end)?.max(D::Minus1)?;
+    let nan = logits.ne(&logits)?.to_dtype(DType::F32)?.max(D::Minus1)?;
+    let rows = Tensor::stack(&[first, nan], 0)?.to_vec2::<f32>()?;
+    Ok(rows[0]
+        .iter()
+        .zip(&rows[1])
+        .map(|(&first, &nan)| (nan == 0.0 && first > 0.0).then(|| vocab as u32 - first as u32))
+        .collect())
 }
 
 fn sample(logits: &[f32], temperature: f64, top_p: Option<f64>, rng: &mut ChaCha8Rng) -> u32 {
@@ -145,6 +181,32 @@ mod tests {
     fn argmax_takes_the_first_maximum() {
         assert_eq!(argmax(&[0.0, 3.0, 3.0, -1.0]), 1);
         assert_eq!(argmax(&[f32::NAN, 1.0]), 1);
+    }
+
+    #[test]
+    fn rows_choose_on_the_device_as_argmax_does_on_the_host() {
+        let rows: Vec<Vec<f32>> = vec![
+            vec![0.0, 3.0, 3.0, -1.0, 3.0],                    // ties: the first
+            vec![f32::NEG_INFINITY; 5],                        // nothing wins: 0
+            vec![1.0, 2.0, f32::INFINITY, f32::INFINITY, 0.0], // infinities tie
+            vec![-5.0, -4.0, -3.0, -2.0, -1.0],                // the last column
+            vec![7.0, -1.0, 0.5, 6.9, 7.0 - 1e-6],             // close values
+            vec![f32::NAN, 1.0, 4.0, 2.0, 0.0],                // left to the host
+        ];
+        let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+        let logits = Tensor::from_vec(flat, (rows.len(), 5), &candle_core::Device::Cpu).unwrap();
+        let chosen = argmax_rows(&logits).unwrap();
+        for (row, choice) in rows.iter().zip(&chosen).take(5) {
+            assert_eq!(*choice, Some(argmax(row)), "{row:?}");
+        }
+        assert_eq!(chosen[5], None);
+        // A real vocabulary's width, with the maximum late in the row.
+        let mut wide = vec![0.25f32; 256_000];
+        wide[255_998] = 9.0;
+        wide[255_999] = 9.0;
+        let logits =
+            Tensor::from_vec(wide.clone(), (1, 256_000), &candle_core::Device::Cpu).unwrap();
+        assert_eq!(argmax_rows(&logits).unwrap(), vec![Some(argmax(&wide))]);
     }
 
     #[test]

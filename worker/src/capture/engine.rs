@@ -2,11 +2,14 @@
 //! recording from the same passes that choose the tokens (capture-semantics.md,
 //! "Generation steps").
 
-use candle_core::{DType, Device, Tensor};
+use std::time::{Duration, Instant};
 
-use super::decode::{Sampling, TokenChooser};
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+
+use super::decode::{Sampling, TokenChooser, argmax_rows};
 use super::trace::{LayerTrace, PromptTrace};
-use crate::model::{BatchOutput, CaptureRequest, Gemma2, Head, KvCache, LayerRecord};
+use crate::model::{BatchOutput, CaptureRequest, Gemma2, Head, LayerRecord};
 
 /// Where the response tokens come from.
 #[derive(Debug, Clone, Copy)]
@@ -54,18 +57,90 @@ fn head_for(items: &[BatchItem<'_>], running: &[usize]) -> Head {
     }
 }
 
+/// Where greedy tokens are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TokenSite {
+    /// From the logits copied to the host (any sampling).
+    Host,
+    /// On the model's device ([`argmax_rows`]), which then sends one number
+    /// per sequence instead of its logits; only when every generated
+    /// response is greedy.
+    Device,
+}
+
+impl TokenSite {
+    /// The device when it is not the CPU (where logits already are on the
+    /// host) and every generating item is greedy.
+    pub(super) fn for_batch(model: &Gemma2, items: &[BatchItem<'_>]) -> Self {
+        let greedy = items.iter().all(|item| match item.plan {
+            ResponsePlan::Generate { sampling, .. } => *sampling == Sampling::Greedy,
+            ResponsePlan::Replay(_) => true,
+        });
+        if greedy && !model.device().is_cpu() {
+            TokenSite::Device
+        } else {
+            TokenSite::Host
+        }
+    }
+}
+
+/// What a pass leaves to choose the next tokens from.
+enum Scores {
+    /// `[running, vocab]` f32 logits on the host.
+    Host(Tensor),
+    /// Greedy tokens chosen on the device; a row it left (`None`: a NaN
+    /// among its logits) or a sampled one is chosen on the host from the
+    /// device's logits.
+    Device {
+        chosen: Vec<Option<u32>>,
+        logits: Tensor,
+    },
+}
+
+impl Scores {
+    fn choose(&self, row: usize, chooser: &mut TokenChooser) -> candle_core::Result<u32> {
+        let logits = match self {
+            Scores::Host(logits) => logits,
+            Scores::Device { chosen, logits } => match chosen[row] {
+                Some(token) if chooser.is_greedy() => return Ok(token),
+                _ => logits,
+            },
+        };
+        Ok(chooser.choose(&logits.get(row)?.to_vec1::<f32>()?))
+    }
+}
+
+/// Where a batch's time goes, summed over its passes (`worker bench`'s
+/// breakdown). Timing the forward pass apart waits for the device to finish
+/// it, so a profiled batch on a GPU runs a little slower than a plain one.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepPhases {
+    pub passes: usize,
+    /// The forward passes, until the device has finished them.
+    pub forward: Duration,
+    /// Records (and logits, or tokens chosen on the device) to the host.
+    pub to_host: Duration,
+    /// Each sequence's records appended to its trace.
+    pub record: Duration,
+    /// Next tokens chosen, finished sequences dropped from the cache.
+    pub choose: Duration,
+}
+
 /// Runs the steps of every item's plan in lock step: one pass over the
 /// padded prompts, then one decode pass per step over the sequences still
 /// running; a sequence leaves the batch (and the cache) once its plan is done.
-/// `pass` gets the tokens to append per running sequence, the cache, the
-/// running sequences' item indices and whether logits are needed
-/// ([`head_for`]), and returns `[running, vocab]` logits on the host if so;
-/// `on_token` runs after each response token with its item index.
-/// Returns every item's response ids.
+/// Each pass computes what `request` asks for and logits unless every running
+/// item replays ([`head_for`]); `record` gets the pass's records, on the host
+/// in f32, and the running sequences' item indices; `on_token` runs after
+/// each response token with its item index; `phases`, when given, sums
+/// where the time went. Returns every item's response ids.
 fn run_steps(
     model: &Gemma2,
     items: &[BatchItem<'_>],
-    mut pass: impl FnMut(&[&[u32]], &mut KvCache, &[usize], Head) -> candle_core::Result<Option<Tensor>>,
+    request: &CaptureRequest,
+    site: TokenSite,
+    mut phases: Option<&mut StepPhases>,
+    mut record: impl FnMut(&BatchOutput, &[usize]) -> candle_core::Result<()>,
     on_token: &mut dyn FnMut(usize),
 ) -> candle_core::Result<Vec<Vec<u32>>> {
     let mut choosers: Vec<Option<TokenChooser>> = items
@@ -93,16 +168,23 @@ fn run_steps(
     let mut cache = model.new_cache(running.len());
     while !running.is_empty() {
         let tokens: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
-        let logits = pass(&tokens, &mut cache, &running, head_for(items, &running))?;
+        let started = Instant::now();
+        let out = model.forward_batch(&tokens, &mut cache, request, head_for(items, &running))?;
+        if phases.is_some() {
+            model.device().synchronize()?;
+        }
+        let forwarded = Instant::now();
+        let (out, scores) = host(out, site)?;
+        let hosted = Instant::now();
+        record(&out, &running)?;
+        let recorded = Instant::now();
         let mut keep = Vec::with_capacity(running.len());
         let mut next_inputs = Vec::with_capacity(running.len());
         for (row, &i) in running.iter().enumerate() {
             let step = responses[i].len();
-            let token = match (&items[i].plan, choosers[i].as_mut(), &logits) {
+            let token = match (&items[i].plan, choosers[i].as_mut(), &scores) {
                 (ResponsePlan::Replay(ids), _, _) => ids[step],
-                (_, Some(chooser), Some(logits)) => {
-                    chooser.choose(&logits.get(row)?.to_vec1::<f32>()?)
-                }
+                (_, Some(chooser), Some(scores)) => scores.choose(row, chooser)?,
                 (ResponsePlan::Generate { .. }, _, _) => {
                     unreachable!("a generate plan has a chooser and its passes compute logits")
                 }
@@ -121,6 +203,14 @@ fn run_steps(
         cache.retain(&keep)?;
         running = keep.iter().map(|&row| running[row]).collect();
         inputs = next_inputs;
+        if let Some(phases) = phases.as_deref_mut() {
+            model.device().synchronize()?;
+            phases.passes += 1;
+            phases.forward += forwarded - started;
+            phases.to_host += hosted - forwarded;
+            phases.record += recorded - hosted;
+            phases.choose += recorded.elapsed();
+        }
     }
     Ok(responses)
 }
@@ -133,11 +223,13 @@ pub fn generate(
     on_token: &mut dyn FnMut(),
 ) -> candle_core::Result<Vec<u32>> {
     let items = [BatchItem { prompt_ids, plan }];
-    let none = CaptureRequest::default();
     let mut responses = run_steps(
         model,
         &items,
-        |tokens, cache, _, head| Ok(host(model.forward_batch(tokens, cache, &none, head)?)?.logits),
+        &CaptureRequest::default(),
+        TokenSite::for_batch(model, &items),
+        None,
+        |_, _| Ok(()),
         &mut |_| on_token(),
     )?;
     Ok(responses.remove(0))
@@ -167,6 +259,30 @@ pub fn capture_batch(
     request: &CaptureRequest,
     on_token: &mut dyn FnMut(usize),
 ) -> candle_core::Result<Vec<PromptTrace>> {
+    let site = TokenSite::for_batch(model, items);
+    capture_batch_at(model, items, request, site, None, on_token)
+}
+
+/// [`capture_batch`], summing where its time goes into `phases`.
+pub fn capture_batch_profiled(
+    model: &Gemma2,
+    items: &[BatchItem<'_>],
+    request: &CaptureRequest,
+    phases: &mut StepPhases,
+) -> candle_core::Result<Vec<PromptTrace>> {
+    let site = TokenSite::for_batch(model, items);
+    capture_batch_at(model, items, request, site, Some(phases), &mut |_| {})
+}
+
+/// [`capture_batch`] choosing tokens at `site`.
+pub(super) fn capture_batch_at(
+    model: &Gemma2,
+    items: &[BatchItem<'_>],
+    request: &CaptureRequest,
+    site: TokenSite,
+    phases: Option<&mut StepPhases>,
+    on_token: &mut dyn FnMut(usize),
+) -> candle_core::Result<Vec<PromptTrace>> {
     let new_traces = |item: &BatchItem<'_>| -> Vec<LayerTrace> {
         let (prompt_len, max_steps) = (item.prompt_ids.len(), item.plan.max_steps());
         request
@@ -181,12 +297,25 @@ pub fn capture_batch(
     let responses = run_steps(
         model,
         items,
-        |tokens, cache, running, head| {
-            let out = host(model.forward_batch(tokens, cache, request, head)?)?;
+        request,
+        site,
+        phases,
+        |out, running| {
+            // Sequences in parallel: appending a batch's records is memory
+            // bound (0.7 MB per sequence and step for a residual capture of
+            // gemma-2-2b) and a GPU waits for it.
+            let mut traces: Vec<(usize, &mut Vec<LayerTrace>)> = Vec::with_capacity(running.len());
+            let mut rest = layers.iter_mut().enumerate();
             for (row, &i) in running.iter().enumerate() {
-                record_pass(&mut layers[i], &out.sequence(row)?)?;
+                let traces_of_i = rest
+                    .find(|(item, _)| *item == i)
+                    .map(|(_, traces)| traces)
+                    .expect("running items are distinct and in item order");
+                traces.push((row, traces_of_i));
             }
-            Ok(out.logits)
+            traces
+                .into_par_iter()
+                .try_for_each(|(row, traces)| record_pass(traces, &out.sequence(row)?))
         },
         on_token,
     )?;
@@ -202,10 +331,32 @@ pub fn capture_batch(
         .collect())
 }
 
+/// Moves a pass's records to the host in f32 and returns what to choose the
+/// next tokens from: the logits, moved with the records, or at
+/// [`TokenSite::Device`] the tokens chosen where the logits are.
+fn host(
+    mut out: BatchOutput,
+    site: TokenSite,
+) -> candle_core::Result<(BatchOutput, Option<Scores>)> {
+    let chosen = match (site, out.logits.take()) {
+        (TokenSite::Device, Some(logits)) => Some(Scores::Device {
+            chosen: argmax_rows(&logits)?,
+            logits,
+        }),
+        (_, logits) => {
+            out.logits = logits;
+            None
+        }
+    };
+    let mut out = records_to_host(out)?;
+    let scores = chosen.or_else(|| out.logits.take().map(Scores::Host));
+    Ok((out, scores))
+}
+
 /// Moves a pass's logits and records to the host in f32 (a no-op on the CPU
 /// in f32). Off the CPU everything goes in one transfer: each copy from a GPU
 /// synchronises, and a residual pass records 78 tensors.
-fn host(out: BatchOutput) -> candle_core::Result<BatchOutput> {
+fn records_to_host(out: BatchOutput) -> candle_core::Result<BatchOutput> {
     if out.device().is_cpu() {
         out.map_tensors(|t| t.to_dtype(DType::F32))
     } else {

@@ -14,6 +14,9 @@ mod gpu_tests;
 
 pub use artifact::{TokenTexts, internals_artifact, residual_artifact};
 pub use decode::Sampling;
-pub use engine::{BatchItem, ResponsePlan, capture_batch, capture_prompt, generate};
+pub use engine::{
+    BatchItem, ResponsePlan, StepPhases, capture_batch, capture_batch_profiled, capture_prompt,
+    generate,
+};
 pub use mode::{CaptureMode, LayerSelection};
 pub use trace::PromptTrace;

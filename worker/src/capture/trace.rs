@@ -2,7 +2,7 @@
 //! kept so that the prompt tensors, the per-step response tensors and the
 //! growing response attention matrices can be assembled without recompute.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Storage, Tensor};
 
 use crate::model::{LayerRecord, LayerWants};
 
@@ -38,6 +38,17 @@ impl Rows {
         if self.data.is_empty() {
             self.data.reserve_exact(expected * width);
         }
+        // Straight from the tensor's memory when it is contiguous f32 on
+        // the host (every record, once `capture` moved it there), without
+        // an intermediate vector.
+        let (storage, layout) = tensor.storage_and_layout();
+        if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets())
+            && let Ok(values) = cpu.as_slice::<f32>()
+        {
+            self.data.extend_from_slice(&values[start..end]);
+            return Ok(());
+        }
+        drop(storage);
         self.data.extend(to_host(tensor)?);
         Ok(())
     }
@@ -207,6 +218,33 @@ mod tests {
             rows.square(3),
             vec![1.0, 0.0, 0.0, 0.5, 0.5, 0.0, 0.2, 0.3, 0.5]
         );
+    }
+
+    #[test]
+    fn rows_copy_views_and_other_dtypes_as_their_values() {
+        let t = Tensor::new(
+            &[[[1f32, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mut rows = Rows::default();
+        // A contiguous view into the middle of the storage (the second
+        // sequence's last row), a strided view (a column), another dtype.
+        rows.push(&t.get(1).unwrap().narrow(0, 1, 1).unwrap(), 3)
+            .unwrap();
+        rows.push(&t.get(0).unwrap().t().unwrap().narrow(0, 1, 1).unwrap(), 3)
+            .unwrap();
+        rows.push(
+            &t.get(1)
+                .unwrap()
+                .narrow(0, 0, 1)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap(),
+            3,
+        )
+        .unwrap();
+        assert_eq!(rows.data, vec![7.0, 8.0, 2.0, 4.0, 5.0, 6.0]);
     }
 
     #[test]

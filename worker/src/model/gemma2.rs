@@ -646,10 +646,17 @@ impl BatchOutput {
                 .enumerate()
                 .all(|(j, &x)| x as usize == c as usize + j)
         });
+        // On the records' device: after `capture`'s transfer they are on the
+        // host while the pass ran on a GPU.
+        let records_device = self
+            .records
+            .iter()
+            .find_map(|r| r.attention_heads.as_ref().or(r.attention_mean.as_ref()))
+            .map_or(&self.device, Tensor::device);
         let key_index = if contiguous {
             None
         } else {
-            Some(Tensor::new(columns.as_slice(), &self.device)?)
+            Some(Tensor::new(columns.as_slice(), records_device)?)
         };
         let first_key = columns.first().copied().unwrap_or(0) as usize;
         let select_rows = |x: &Option<Tensor>| -> candle_core::Result<Option<Tensor>> {

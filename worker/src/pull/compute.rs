@@ -10,7 +10,7 @@
 //! group, in order), lingering a moment for jobs that are claimed but not
 //! submitted yet, so a burst of claims forms one group.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc as std_mpsc};
@@ -352,8 +352,10 @@ fn capture_rows(
         member.job.metrics.tokens_captured(tokens);
         let mut sent = true;
         for artifact in &prompt.artifacts {
-            // Size and sha256 come from the upload, which hashes as it sends.
-            let entry = prompt.entry(artifact, 0, String::new());
+            // Shapes come from the upload task, which assembles and encodes
+            // the artifact; size and sha256 from the upload, which hashes as
+            // it sends.
+            let entry = prompt.entry(artifact, BTreeMap::new(), 0, String::new());
             let upload = PendingUpload {
                 entry,
                 artifact: artifact.clone(),

@@ -60,8 +60,9 @@ pub(crate) struct JobRun {
     pub(crate) metrics: WorkerMetrics,
 }
 
-/// A captured artifact, encoded by the upload task; its entry's size and
-/// sha256 are filled in from the upload.
+/// A captured artifact, assembled and encoded by the upload task; its
+/// entry's tensor shapes are filled in from the encoding, its size and
+/// sha256 from the upload.
 pub(crate) struct PendingUpload {
     pub(crate) entry: ArtifactEntry,
     pub(crate) artifact: PromptArtifact,
@@ -139,10 +140,11 @@ async fn upload_all(
             break;
         }
         let started = Instant::now();
-        let payload = tokio::task::spawn_blocking(move || artifact.encode())
+        let encoded = tokio::task::spawn_blocking(move || artifact.encode())
             .await
             .map_err(|e| JobError::Internal(format!("the encoding task failed: {e}")))??;
-        let payload = Bytes::from(payload);
+        entry.shapes = encoded.shapes;
+        let payload = Bytes::from(encoded.bytes);
         let object = match run.stage_put(&job_id, attempt, &entry.key, payload).await {
             Ok(object) => object,
             Err(error) => {

@@ -1,5 +1,5 @@
-//! The writing half of `worker capture`: a thread that encodes each captured
-//! prompt's artifacts, writes them (atomically, hashing as it goes) and
+//! The writing half of `worker capture`: a thread that assembles and encodes
+//! each captured prompt's artifacts, writes them (atomically, hashing as it goes) and
 //! rewrites the manifest after every prompt, while the compute thread runs
 //! the next batch. The queue between them is bounded, so at most one batch
 //! of captured prompts waits in memory.
@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 
 use super::prompt::CapturedPrompt;
 use crate::error::Result;
-use crate::manifest::{ArtifactEntry, Manifest};
+use crate::manifest::{ArtifactEntry, Manifest, tensor_shapes};
 use crate::pt::write_pt_file;
 
 /// The writer thread and the sending end of its queue.
@@ -67,8 +67,9 @@ fn write_all(
     let mut written = Vec::new();
     for captured in prompts {
         for artifact in &captured.artifacts {
-            let info = write_pt_file(&out.join(&artifact.key), &artifact.value)?;
-            let entry = captured.entry(artifact, info.bytes, info.sha256);
+            let value = artifact.assemble();
+            let info = write_pt_file(&out.join(&artifact.key), &value)?;
+            let entry = captured.entry(artifact, tensor_shapes(&value), info.bytes, info.sha256);
             manifest.upsert(entry.clone());
             written.push(entry);
         }
