@@ -51,8 +51,9 @@ const BUILTIN_SETS: [(&str, &str); 6] = [
     ),
 ];
 
-/// Longest set name or prompt id accepted, in bytes.
-const MAX_COMPONENT_BYTES: usize = 128;
+/// Longest single path part accepted (set names, prompt ids, and the
+/// store's experiment names and run and job ids), in bytes.
+pub const MAX_COMPONENT_BYTES: usize = 128;
 
 /// Set name used by [`PromptSet::single`].
 const SINGLE_SET_NAME: &str = "custom";
@@ -259,24 +260,41 @@ pub fn validate_path_component(kind: &str, s: &str) -> Result<(), PromptError> {
 }
 
 fn validate_component(kind: &str, s: &str, origin: Option<String>) -> Result<(), PromptError> {
-    let reason = if s.is_empty() {
-        "must not be empty".to_owned()
-    } else if !s
+    match component_problem(s) {
+        None => Ok(()),
+        Some(reason) => Err(unsafe_name(kind, s, origin, &reason)),
+    }
+}
+
+/// Why `value` cannot be one file-name component (the rules of
+/// [`validate_path_component`]), or `None` when it can. The store checks the
+/// names it puts in object keys with the same rules.
+pub fn component_problem(value: &str) -> Option<String> {
+    if value.is_empty() {
+        return Some("must not be empty".to_owned());
+    }
+    if value.bytes().any(|b| b.is_ascii_control()) {
+        return Some("contains a control character".to_owned());
+    }
+    if value.contains('/') || value.contains('\\') {
+        return Some("must be a single name, without '/' or '\\'".to_owned());
+    }
+    if value.len() > MAX_COMPONENT_BYTES {
+        return Some(format!(
+            "it is {} bytes long; use at most {MAX_COMPONENT_BYTES}",
+            value.len()
+        ));
+    }
+    if value.starts_with('.') {
+        return Some("must not start with '.'".to_owned());
+    }
+    if !value
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
     {
-        "use letters, digits, '.', '_' and '-' only".to_owned()
-    } else if s.len() > MAX_COMPONENT_BYTES {
-        format!(
-            "it is {} bytes long; use at most {MAX_COMPONENT_BYTES}",
-            s.len()
-        )
-    } else if s.starts_with('.') {
-        "must not start with '.'".to_owned()
-    } else {
-        return Ok(());
-    };
-    Err(unsafe_name(kind, s, origin, &reason))
+        return Some("use letters, digits, '.', '_' and '-' only".to_owned());
+    }
+    None
 }
 
 fn unsafe_name(kind: &str, value: &str, origin: Option<String>, reason: &str) -> PromptError {
@@ -678,7 +696,7 @@ mod tests {
             validate_path_component("prompt set name", "../x")
                 .unwrap_err()
                 .to_string(),
-            "unsafe prompt set name \"../x\": use letters, digits, '.', '_' and '-' only"
+            "unsafe prompt set name \"../x\": must be a single name, without '/' or '\\'"
         );
         assert!(validate_path_component("prompt id", "ok_1.2-b").is_ok());
         assert!(validate_path_component("prompt id", &"a".repeat(MAX_COMPONENT_BYTES)).is_ok());

@@ -130,8 +130,9 @@ pub struct StepPhases {
 /// padded prompts, then one decode pass per step over the sequences still
 /// running; a sequence leaves the batch (and the cache) once its plan is done.
 /// Each pass computes what `request` asks for and logits unless every running
-/// item replays ([`head_for`]); `record` gets the pass's records, on the host
-/// in f32, and the running sequences' item indices; `on_token` runs after
+/// item replays ([`head_for`]); `record` gets each pass's records, on the
+/// host in f32, and that pass's running sequences' item indices, in pass
+/// order, once the next pass is queued; `on_token` runs after
 /// each response token with its item index; `phases`, when given, sums
 /// where the time went. Returns every item's response ids.
 fn run_steps(
@@ -166,6 +167,11 @@ fn run_steps(
         .map(|&i| items[i].prompt_ids.to_vec())
         .collect();
     let mut cache = model.new_cache(running.len());
+    // A pass's records are appended to the traces once the next pass is
+    // queued: a GPU runs that pass's kernels while the host appends, instead
+    // of waiting for it. (On the CPU a pass computes before it returns, so
+    // this changes nothing there but the order.)
+    let mut unrecorded: Option<(BatchOutput, Vec<usize>)> = None;
     while !running.is_empty() {
         let tokens: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
         let started = Instant::now();
@@ -174,10 +180,12 @@ fn run_steps(
             model.device().synchronize()?;
         }
         let forwarded = Instant::now();
+        if let Some((previous, rows)) = unrecorded.take() {
+            record(&previous, &rows)?;
+        }
+        let recorded = Instant::now();
         let (out, scores) = host(out, site)?;
         let hosted = Instant::now();
-        record(&out, &running)?;
-        let recorded = Instant::now();
         let mut keep = Vec::with_capacity(running.len());
         let mut next_inputs = Vec::with_capacity(running.len());
         for (row, &i) in running.iter().enumerate() {
@@ -201,15 +209,23 @@ fn run_steps(
             }
         }
         cache.retain(&keep)?;
-        running = keep.iter().map(|&row| running[row]).collect();
+        let next_running = keep.iter().map(|&row| running[row]).collect();
+        unrecorded = Some((out, std::mem::replace(&mut running, next_running)));
         inputs = next_inputs;
         if let Some(phases) = phases.as_deref_mut() {
             model.device().synchronize()?;
             phases.passes += 1;
             phases.forward += forwarded - started;
-            phases.to_host += hosted - forwarded;
-            phases.record += recorded - hosted;
-            phases.choose += recorded.elapsed();
+            phases.record += recorded - forwarded;
+            phases.to_host += hosted - recorded;
+            phases.choose += hosted.elapsed();
+        }
+    }
+    if let Some((last, rows)) = unrecorded {
+        let started = Instant::now();
+        record(&last, &rows)?;
+        if let Some(phases) = phases {
+            phases.record += started.elapsed();
         }
     }
     Ok(responses)

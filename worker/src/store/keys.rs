@@ -2,12 +2,13 @@
 //! names, run and job ids, attempt numbers and the relative artifact keys
 //! below a run root. Every check runs before any I/O.
 
-use capture_format::prompts::quote_short;
+use capture_format::prompts::{component_problem, quote_short};
 
 use super::error::StoreError;
 
-/// Longest single path part (file systems allow 255; ids and names are short).
-pub const MAX_COMPONENT_BYTES: usize = 128;
+/// Longest single path part (file systems allow 255; ids and names are
+/// short), as for prompt set names and ids.
+pub use capture_format::prompts::MAX_COMPONENT_BYTES;
 /// Longest relative key below a run root.
 pub const MAX_RELATIVE_KEY_BYTES: usize = 512;
 /// Most parts in a relative key (`inference/raw/internals/{set}/{id}_L{n}.pt` has 5).
@@ -74,34 +75,6 @@ pub(crate) fn validate_list_prefix(prefix: &str) -> Result<(), StoreError> {
         return Ok(());
     }
     validate_relative_key(trimmed, KeyUse::Read)
-}
-
-fn component_problem(value: &str) -> Option<String> {
-    if value.is_empty() {
-        return Some("must not be empty".to_owned());
-    }
-    if value.bytes().any(|b| b.is_ascii_control()) {
-        return Some("contains a control character".to_owned());
-    }
-    if value.contains('/') || value.contains('\\') {
-        return Some("must be a single name, without '/' or '\\'".to_owned());
-    }
-    if value.len() > MAX_COMPONENT_BYTES {
-        return Some(format!(
-            "it is {} bytes long; use at most {MAX_COMPONENT_BYTES}",
-            value.len()
-        ));
-    }
-    if value.starts_with('.') {
-        return Some("must not start with '.'".to_owned());
-    }
-    if !value
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
-        return Some("use letters, digits, '.', '_' and '-' only".to_owned());
-    }
-    None
 }
 
 fn relative_key_problem(key: &str, usage: KeyUse) -> Option<String> {
