@@ -139,8 +139,7 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
         dtype_name(matrices)
     ));
     let weights = Weights::random(cfg, 0.02, 0, dtype, matrices, &device)?;
-    let model = Gemma2::new(cfg, &weights)?;
-    drop(weights);
+    let model = Gemma2::new(cfg, weights)?;
     let prompt: Vec<u32> = std::iter::once(cfg.bos_token_id)
         .chain(
             (0..options.prompt_tokens.saturating_sub(1))

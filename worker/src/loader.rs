@@ -146,6 +146,6 @@ impl ModelMeta {
     /// Reads the weights and builds the model.
     pub fn load_model(&self, device: &Device, dtype: DType) -> Result<Gemma2> {
         let weights = Weights::from_safetensors(&self.files.safetensors, dtype, device)?;
-        Gemma2::new(&self.config, &weights)
+        Gemma2::new(&self.config, weights)
     }
 }

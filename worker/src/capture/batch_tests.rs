@@ -276,7 +276,7 @@ fn bf16_stored_weights_capture_what_their_f32_widening_captures() {
 
     let model = meta.load_model(&Device::Cpu, DType::F32).unwrap();
     assert_eq!(model.matrix_dtype(), DType::BF16);
-    let reference = Gemma2::new(&meta.config, &widened).unwrap();
+    let reference = Gemma2::new(&meta.config, widened).unwrap();
     assert_eq!(reference.matrix_dtype(), DType::F32);
     let encode = |text: &str| meta.tokenizer.encode_prompt(text).unwrap();
     let (short, long) = (

@@ -2,9 +2,10 @@
 //! recording from the same passes that choose the tokens (capture-semantics.md,
 //! "Generation steps").
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, TensorId};
 use rayon::prelude::*;
 
 use super::decode::{Sampling, TokenChooser, argmax_rows};
@@ -369,36 +370,69 @@ fn host(
     Ok((out, scores))
 }
 
-/// Moves a pass's logits and records to the host in f32 (a no-op on the CPU
-/// in f32). Off the CPU everything goes in one transfer: each copy from a GPU
-/// synchronises, and a residual pass records 78 tensors.
+/// Moves a pass's logits and records to the host, for the traces to append
+/// (`LayerTrace::push` widens any dtype to f32 exactly as it copies). On the
+/// CPU they already are there; off it everything goes in one transfer per
+/// dtype ([`gather_to_host`]).
 fn records_to_host(out: BatchOutput) -> candle_core::Result<BatchOutput> {
     if out.device().is_cpu() {
-        out.map_tensors(|t| t.to_dtype(DType::F32))
+        Ok(out)
     } else {
         gather_to_host(out)
     }
 }
 
-/// [`host`] in one transfer: every tensor flattened into one f32 buffer on
-/// its device, copied once, and split back into views of the host copy.
+/// [`records_to_host`] in as few transfers as there are dtypes: every
+/// distinct tensor (a layer's `residual_in` is the previous layer's
+/// `residual_out`, so a residual capture moves 53 tensors, not 78) is
+/// flattened into one buffer per dtype on its device, copied once, and
+/// split back into views of the host copy. bf16 tensors travel as bf16
+/// (half the bytes of f32) and are widened on the host as they are
+/// appended; other dtypes travel as f32. Each copy from a GPU synchronises,
+/// and every small tensor moved alone would cost a kernel and a copy.
 fn gather_to_host(out: BatchOutput) -> candle_core::Result<BatchOutput> {
-    let mut flat = Vec::new();
+    let wire = |t: &Tensor| match t.dtype() {
+        DType::BF16 => DType::BF16,
+        _ => DType::F32,
+    };
+    // The distinct tensors in order, and each visited tensor's index there.
+    let mut distinct: Vec<Tensor> = Vec::new();
+    let mut index_of: HashMap<TensorId, usize> = HashMap::new();
+    let mut visited = Vec::new();
     let out = out.map_tensors(|t| {
-        flat.push(t.to_dtype(DType::F32)?.flatten_all()?);
+        let index = *index_of.entry(t.id()).or_insert_with(|| {
+            distinct.push(t.clone());
+            distinct.len() - 1
+        });
+        visited.push(index);
         Ok(t.clone())
     })?;
-    if flat.is_empty() {
-        // Neither logits nor records (a replayed pass capturing nothing).
-        return Ok(out);
+    let mut hosted: Vec<Option<Tensor>> = vec![None; distinct.len()];
+    for dtype in [DType::BF16, DType::F32] {
+        let group: Vec<usize> = (0..distinct.len())
+            .filter(|&i| wire(&distinct[i]) == dtype)
+            .collect();
+        if group.is_empty() {
+            continue;
+        }
+        let flat = group
+            .iter()
+            .map(|&i| distinct[i].to_dtype(dtype)?.flatten_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let all = Tensor::cat(&flat, 0)?.to_device(&Device::Cpu)?;
+        let mut offset = 0;
+        for &i in &group {
+            let n = distinct[i].elem_count();
+            hosted[i] = Some(all.narrow(0, offset, n)?.reshape(distinct[i].shape())?);
+            offset += n;
+        }
     }
-    let all = Tensor::cat(&flat, 0)?.to_device(&Device::Cpu)?;
-    let mut offset = 0;
-    out.map_tensors(|t| {
-        let n = t.elem_count();
-        let host = all.narrow(0, offset, n)?.reshape(t.shape())?;
-        offset += n;
-        Ok(host)
+    let mut visited = visited.into_iter();
+    out.map_tensors(|_| {
+        let index = visited.next().expect("both walks visit the same tensors");
+        Ok(hosted[index]
+            .clone()
+            .expect("every distinct tensor was moved"))
     })
 }
 
@@ -431,26 +465,30 @@ mod tests {
     }
 
     #[test]
-    fn one_gathered_transfer_equals_per_tensor_copies() {
-        let t = |shape: &[usize], seed: f32| {
+    fn one_gathered_transfer_per_dtype_equals_per_tensor_copies() {
+        let t = |shape: &[usize], seed: f32, dtype: DType| {
             let n: usize = shape.iter().product();
             let data: Vec<f32> = (0..n).map(|i| seed + i as f32 * 0.5).collect();
             Tensor::from_vec(data, shape, &Device::Cpu)
                 .unwrap()
-                .to_dtype(DType::BF16)
+                .to_dtype(dtype)
                 .unwrap()
         };
+        // Layer 0's output is layer 2's input: the same tensor, twice.
+        let shared = t(&[2, 3, 4], 4.0, DType::BF16);
         let out = BatchOutput::for_tests(
-            t(&[2, 5], 0.0),
+            t(&[2, 5], 0.0, DType::F32),
             vec![
                 LayerRecord {
-                    residual_in: Some(t(&[2, 3, 4], 1.0)),
-                    attention_heads: Some(t(&[2, 2, 3, 3], 2.0)),
+                    residual_in: Some(t(&[2, 3, 4], 1.0, DType::BF16)),
+                    residual_out: Some(shared.clone()),
+                    attention_heads: Some(t(&[2, 2, 3, 3], 2.0, DType::F32)),
                     ..LayerRecord::default()
                 },
                 LayerRecord::default(),
                 LayerRecord {
-                    gelu: Some(t(&[2, 3, 6], 3.0)),
+                    residual_in: Some(shared),
+                    gelu: Some(t(&[2, 3, 6], 3.0, DType::F16)),
                     ..LayerRecord::default()
                 },
             ],
@@ -460,27 +498,93 @@ mod tests {
                 new: vec![vec![Some(0), Some(1), Some(2)]; 2],
             },
         );
-        let expected = out.clone().map_tensors(|t| t.to_dtype(DType::F32)).unwrap();
-        let gathered = gather_to_host(out).unwrap();
-        let values = |o: &BatchOutput| {
-            let logits = o.logits.as_ref().expect("logits");
-            let mut all = vec![logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()];
+        let tensors = |o: &BatchOutput| {
+            let mut all = vec![o.logits.clone().expect("logits")];
             for r in &o.records {
-                for x in [&r.residual_in, &r.attention_heads, &r.gelu]
-                    .into_iter()
-                    .flatten()
-                {
-                    assert_eq!(x.dtype(), DType::F32);
-                    all.push(x.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-                }
+                all.extend(
+                    [&r.residual_in, &r.residual_out, &r.attention_heads, &r.gelu]
+                        .into_iter()
+                        .flatten()
+                        .cloned(),
+                );
             }
             all
         };
-        assert_eq!(values(&gathered), values(&expected));
+        let before = tensors(&out);
+        let gathered = gather_to_host(out).unwrap();
+        let after = tensors(&gathered);
+        assert_eq!(after.len(), before.len());
+        for (a, b) in after.iter().zip(&before) {
+            // bf16 travels as bf16, anything else as f32; same values.
+            let wire = if b.dtype() == DType::BF16 {
+                DType::BF16
+            } else {
+                DType::F32
+            };
+            assert_eq!(a.dtype(), wire);
+            assert_eq!(a.dims(), b.dims());
+            assert_eq!(f32_values(a), f32_values(b));
+        }
+        // The shared tensor moved once: both records view the same bytes.
+        let start = |x: &Option<Tensor>| x.as_ref().unwrap().layout().start_offset();
         assert_eq!(
-            gathered.records[0].attention_heads.as_ref().unwrap().dims(),
-            &[2, 2, 3, 3]
+            start(&gathered.records[0].residual_out),
+            start(&gathered.records[2].residual_in)
+        );
+        assert_ne!(
+            start(&gathered.records[0].residual_in),
+            start(&gathered.records[0].residual_out)
         );
         assert!(gathered.records[1].residual_in.is_none());
+    }
+
+    fn f32_values(x: &Tensor) -> Vec<f32> {
+        x.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_layers_input_is_the_last_layers_output_and_moves_once() {
+        use crate::capture::batch_tests::{everything, tiny_on};
+        let (_, model) = tiny_on(&Device::Cpu, DType::BF16);
+        let request = everything(model.config().num_hidden_layers);
+        let mut cache = model.new_cache(2);
+        let out = model
+            .forward_batch(
+                &[&[2, 10, 11], &[2, 12]],
+                &mut cache,
+                &request,
+                Head::Logits,
+            )
+            .unwrap();
+        let id = |x: &Option<Tensor>| x.as_ref().expect("recorded").id();
+        for pair in out.records.windows(2) {
+            assert_eq!(id(&pair[1].residual_in), id(&pair[0].residual_out));
+        }
+        // The model's real records (bf16 rows, f32 attention, projections
+        // that are views of the stacked q/k/v output) through the gather.
+        let gathered = gather_to_host(out.clone()).unwrap();
+        let tensors = |o: &BatchOutput| {
+            let mut all = Vec::new();
+            o.clone()
+                .map_tensors(|x| {
+                    all.push(x.clone());
+                    Ok(x.clone())
+                })
+                .unwrap();
+            all
+        };
+        let (after, before) = (tensors(&gathered), tensors(&out));
+        // Logits, and per layer 3 residual rows, 1 attention, 6 projections.
+        assert_eq!(before.len(), 1 + 10 * model.config().num_hidden_layers);
+        assert_eq!(after.len(), before.len());
+        for (x, y) in after.iter().zip(&before) {
+            assert_eq!(x.dims(), y.dims());
+            assert_eq!(f32_values(x), f32_values(y));
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! kept so that the prompt tensors, the per-step response tensors and the
 //! growing response attention matrices can be assembled without recompute.
 
-use candle_core::{DType, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Storage, Tensor};
 
 use crate::model::{LayerRecord, LayerWants};
 
@@ -38,15 +38,23 @@ impl Rows {
         if self.data.is_empty() {
             self.data.reserve_exact(expected * width);
         }
-        // Straight from the tensor's memory when it is contiguous f32 on
-        // the host (every record, once `capture` moved it there), without
-        // an intermediate vector.
+        // Straight from the tensor's memory when it is contiguous f32 or
+        // bf16 (widened exactly) on the host, as records are once `capture`
+        // moved them there, without an intermediate vector.
         let (storage, layout) = tensor.storage_and_layout();
-        if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets())
-            && let Ok(values) = cpu.as_slice::<f32>()
-        {
-            self.data.extend_from_slice(&values[start..end]);
-            return Ok(());
+        if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            match cpu {
+                CpuStorage::F32(values) => {
+                    self.data.extend_from_slice(&values[start..end]);
+                    return Ok(());
+                }
+                CpuStorage::BF16(values) => {
+                    self.data
+                        .extend(values[start..end].iter().map(|v| v.to_f32()));
+                    return Ok(());
+                }
+                _ => {}
+            }
         }
         drop(storage);
         self.data.extend(to_host(tensor)?);

@@ -85,8 +85,8 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn load(w: &Weights, name: &str, size: usize, eps: f64) -> crate::error::Result<Self> {
-        let weight = w.get(name, &[size])?.to_dtype(DType::F32)?;
+    fn load(w: &mut Weights, name: &str, size: usize, eps: f64) -> crate::error::Result<Self> {
+        let weight = w.take(name, &[size])?.to_dtype(DType::F32)?;
         Ok(Self {
             one_plus_weight: (weight + 1.0)?,
             eps: eps as f32,
@@ -107,9 +107,36 @@ struct Linear {
 }
 
 impl Linear {
-    fn load(w: &Weights, name: &str, out_dim: usize, in_dim: usize) -> crate::error::Result<Self> {
+    fn load(
+        w: &mut Weights,
+        name: &str,
+        out_dim: usize,
+        in_dim: usize,
+    ) -> crate::error::Result<Self> {
         Ok(Self {
-            weight: w.get(&format!("{name}.weight"), &[out_dim, in_dim])?,
+            weight: w.take(&format!("{name}.weight"), &[out_dim, in_dim])?,
+        })
+    }
+
+    /// The checkpoint's `parts` (name, output size) stacked along the output
+    /// axis, computed in one product: a layer's q/k/v projections, or its
+    /// MLP's gate and up projections, all read the same input. One product
+    /// instead of three (or two) is fewer kernel launches per decode step on
+    /// a GPU and one pass over the activations on the CPU; each output
+    /// element is the same dot product as before. The parts are taken out
+    /// of `w`, so each layer's originals are freed as soon as they are
+    /// stacked.
+    fn stacked(
+        w: &mut Weights,
+        parts: &[(&str, usize)],
+        in_dim: usize,
+    ) -> crate::error::Result<Self> {
+        let parts = parts
+            .iter()
+            .map(|(name, out_dim)| w.take(&format!("{name}.weight"), &[*out_dim, in_dim]))
+            .collect::<crate::error::Result<Vec<_>>>()?;
+        Ok(Self {
+            weight: Tensor::cat(&parts, 0)?,
         })
     }
 
@@ -120,23 +147,25 @@ impl Linear {
     }
 }
 
-/// Largest number of activation rows for which `W @ X^T` is used: on the CPU
-/// it beat `X @ W^T` at every size measured up to 128 rows (decode steps of a
-/// batch), see `matvec::tests::row_dot_speed`.
+/// Largest number of activation rows for which `W @ X^T` is used on the CPU:
+/// there it beat `X @ W^T` at every size measured up to 128 rows (decode
+/// steps of a batch), see `matvec::tests::row_dot_speed`.
 const WEIGHT_LEFT_MAX_ROWS: usize = 128;
 
 /// `x @ w^T` for `x` `[n, in]` and row-major `w` `[out, in]`, returning
-/// `[n, out]`: bf16-stored weights through [`bf16_weights`]; otherwise one
-/// vector (a batch-1 decode step) through the streaming
-/// [`matvec::row_dot`] on the CPU, a few through `W @ X^T`, many (prompt
-/// passes) through `X @ W^T`.
+/// `[n, out]`: bf16-stored weights through [`bf16_weights`]; otherwise on
+/// the CPU one vector (a batch-1 decode step) through the streaming
+/// [`matvec::row_dot`], a few through `W @ X^T`, many (prompt passes)
+/// through `X @ W^T`. Elsewhere (a GPU) always `X @ W^T`: one product with
+/// the weight read transposed, where `W @ X^T` would add a kernel to
+/// transpose its result back.
 fn project(w: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
     let n = x.dim(0)?;
     if bf16_weights::applies(x, w) {
         bf16_weights::project(x, w)
     } else if matvec::applies(x, w) {
         matvec::row_dot(x, w)
-    } else if n <= WEIGHT_LEFT_MAX_ROWS {
+    } else if x.device().is_cpu() && n <= WEIGHT_LEFT_MAX_ROWS {
         w.matmul(&x.t()?)?.t()?.contiguous()
     } else {
         x.matmul(&w.t()?)
@@ -173,16 +202,17 @@ impl Rotary {
         })
     }
 
-    /// Rotates `xs` (`[b, heads, t, head_dim]`) for the pass's positions:
-    /// `start..start+t` when `positions` is `None`, else `positions`
-    /// (`[b * t]`, see [`KvCache::rotary_positions`]).
-    fn apply(
+    /// The tables of one pass's positions: rows `start..start+t` when
+    /// `positions` is `None`, else `positions` (`[b * t]`, see
+    /// [`KvCache::rotary_positions`]) as `[b, t, head_dim / 2]`. Selected
+    /// once per pass: every layer rotates at the same positions.
+    fn for_pass(
         &self,
-        xs: &Tensor,
+        b: usize,
         start: usize,
+        t: usize,
         positions: Option<&Tensor>,
-    ) -> candle_core::Result<Tensor> {
-        let (b, _, t, _) = xs.dims4()?;
+    ) -> candle_core::Result<PassRotary> {
         let (cos, sin) = match positions {
             None => (self.cos.narrow(0, start, t)?, self.sin.narrow(0, start, t)?),
             Some(ids) => (
@@ -190,15 +220,27 @@ impl Rotary {
                 self.sin.index_select(ids, 0)?.reshape((b, t, ()))?,
             ),
         };
-        candle_nn::rotary_emb::rope(&xs.contiguous()?, &cos, &sin)
+        Ok(PassRotary { cos, sin })
+    }
+}
+
+/// The rotary tables at one pass's positions (see [`Rotary::for_pass`]).
+struct PassRotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl PassRotary {
+    /// Rotates `xs` (`[b, heads, t, head_dim]`).
+    fn apply(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::rotary_emb::rope(&xs.contiguous()?, &self.cos, &self.sin)
     }
 }
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// `q_proj`, `k_proj` and `v_proj` stacked: `[q_dim + 2 kv_dim, hidden]`.
+    qkv_proj: Linear,
     o_proj: Linear,
     heads: usize,
     kv_heads: usize,
@@ -210,16 +252,23 @@ struct Attention {
 
 impl Attention {
     fn load(
-        w: &Weights,
+        w: &mut Weights,
         prefix: &str,
         cfg: &Gemma2Config,
         kind: LayerKind,
     ) -> crate::error::Result<Self> {
         let (h, q_dim, kv_dim) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
+        let part = |name: &str| format!("{prefix}.{name}");
         Ok(Self {
-            q_proj: Linear::load(w, &format!("{prefix}.q_proj"), q_dim, h)?,
-            k_proj: Linear::load(w, &format!("{prefix}.k_proj"), kv_dim, h)?,
-            v_proj: Linear::load(w, &format!("{prefix}.v_proj"), kv_dim, h)?,
+            qkv_proj: Linear::stacked(
+                w,
+                &[
+                    (&part("q_proj"), q_dim),
+                    (&part("k_proj"), kv_dim),
+                    (&part("v_proj"), kv_dim),
+                ],
+                h,
+            )?,
             o_proj: Linear::load(w, &format!("{prefix}.o_proj"), h, q_dim)?,
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
@@ -234,37 +283,31 @@ impl Attention {
     fn forward(
         &self,
         xs: &Tensor,
-        pass: &PassContext<'_>,
+        pass: &PassContext,
         cache: &mut KvCache,
         layer: usize,
         wants: LayerWants,
         record: &mut LayerRecord,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = xs.dims3()?;
-        let q = self.q_proj.forward(xs)?;
-        let k = self.k_proj.forward(xs)?;
-        let v = self.v_proj.forward(xs)?;
+        let (heads, kv_heads) = (self.heads, self.kv_heads);
+        let qkv = self.qkv_proj.forward(xs)?;
         if wants.projections {
-            record.q_proj = Some(q.clone());
-            record.k_proj = Some(k.clone());
-            record.v_proj = Some(v.clone());
+            let (q_dim, kv_dim) = (heads * self.head_dim, kv_heads * self.head_dim);
+            record.q_proj = Some(qkv.narrow(2, 0, q_dim)?);
+            record.k_proj = Some(qkv.narrow(2, q_dim, kv_dim)?);
+            record.v_proj = Some(qkv.narrow(2, q_dim + kv_dim, kv_dim)?);
         }
-        let q = q
-            .reshape((b, t, self.heads, self.head_dim))?
-            .transpose(1, 2)?;
-        let k = k
-            .reshape((b, t, self.kv_heads, self.head_dim))?
-            .transpose(1, 2)?;
-        let v = v
-            .reshape((b, t, self.kv_heads, self.head_dim))?
+        // The query heads, then the key heads, then the value heads: views.
+        let qkv = qkv.reshape((b, t, heads + 2 * kv_heads, self.head_dim))?;
+        let q = qkv.narrow(2, 0, heads)?.transpose(1, 2)?;
+        let k = qkv.narrow(2, heads, kv_heads)?.transpose(1, 2)?;
+        let v = qkv
+            .narrow(2, heads + kv_heads, kv_heads)?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = pass
-            .rotary
-            .apply(&q, pass.layout.start, pass.positions.as_ref())?;
-        let k = pass
-            .rotary
-            .apply(&k, pass.layout.start, pass.positions.as_ref())?;
+        let q = pass.rotary.apply(&q)?;
+        let k = pass.rotary.apply(&k)?;
         let (k, v) = cache.append(layer, k, v)?;
         let context = k.dim(2)?;
 
@@ -309,18 +352,26 @@ impl Attention {
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// `gate_proj` and `up_proj` stacked: `[2 intermediate, hidden]`.
+    gate_up_proj: Linear,
     down_proj: Linear,
+    intermediate: usize,
 }
 
 impl Mlp {
-    fn load(w: &Weights, prefix: &str, cfg: &Gemma2Config) -> crate::error::Result<Self> {
+    fn load(w: &mut Weights, prefix: &str, cfg: &Gemma2Config) -> crate::error::Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), i, h)?,
-            up_proj: Linear::load(w, &format!("{prefix}.up_proj"), i, h)?,
+            gate_up_proj: Linear::stacked(
+                w,
+                &[
+                    (&format!("{prefix}.gate_proj"), i),
+                    (&format!("{prefix}.up_proj"), i),
+                ],
+                h,
+            )?,
             down_proj: Linear::load(w, &format!("{prefix}.down_proj"), h, i)?,
+            intermediate: i,
         })
     }
 
@@ -330,8 +381,10 @@ impl Mlp {
         wants: LayerWants,
         record: &mut LayerRecord,
     ) -> candle_core::Result<Tensor> {
-        let gelu = self.gate_proj.forward(xs)?.gelu()?;
-        let up = self.up_proj.forward(xs)?;
+        let i = self.intermediate;
+        let gate_up = self.gate_up_proj.forward(xs)?;
+        let gelu = gate_up.narrow(2, 0, i)?.gelu()?;
+        let up = gate_up.narrow(2, i, i)?;
         let down = self.down_proj.forward(&(&gelu * &up)?)?;
         if wants.projections {
             record.up_proj = Some(up);
@@ -353,9 +406,9 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(w: &Weights, index: usize, cfg: &Gemma2Config) -> crate::error::Result<Self> {
+    fn load(w: &mut Weights, index: usize, cfg: &Gemma2Config) -> crate::error::Result<Self> {
         let p = format!("model.layers.{index}");
-        let norm = |name: &str| {
+        let norm = |w: &mut Weights, name: &str| {
             RmsNorm::load(
                 w,
                 &format!("{p}.{name}.weight"),
@@ -364,19 +417,19 @@ impl DecoderLayer {
             )
         };
         Ok(Self {
-            input_layernorm: norm("input_layernorm")?,
+            input_layernorm: norm(w, "input_layernorm")?,
             self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg, cfg.layer_kinds[index])?,
-            post_attention_layernorm: norm("post_attention_layernorm")?,
-            pre_feedforward_layernorm: norm("pre_feedforward_layernorm")?,
+            post_attention_layernorm: norm(w, "post_attention_layernorm")?,
+            pre_feedforward_layernorm: norm(w, "pre_feedforward_layernorm")?,
             mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
-            post_feedforward_layernorm: norm("post_feedforward_layernorm")?,
+            post_feedforward_layernorm: norm(w, "post_feedforward_layernorm")?,
         })
     }
 
     fn forward(
         &self,
         xs: Tensor,
-        pass: &PassContext<'_>,
+        pass: &PassContext,
         cache: &mut KvCache,
         layer: usize,
         wants: LayerWants,
@@ -413,15 +466,21 @@ pub struct Gemma2 {
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     rotary: Rotary,
+    /// `sqrt(hidden_size)` in the compute dtype, scaling the embeddings.
+    normalizer: Tensor,
     cfg: Gemma2Config,
     dtype: DType,
     device: Device,
 }
 
 impl Gemma2 {
-    /// Builds the model from checkpoint weights, checking every name and shape.
-    pub fn new(cfg: &Gemma2Config, weights: &Weights) -> crate::error::Result<Self> {
-        let embedding_weight = weights.get(
+    /// Builds the model from checkpoint weights, checking every name and
+    /// shape. It takes the tensors it uses out of `weights`, so that
+    /// stacking a layer's projections (see `Linear::stacked`) frees the
+    /// originals as it goes instead of holding two copies until the end.
+    pub fn new(cfg: &Gemma2Config, mut weights: Weights) -> crate::error::Result<Self> {
+        let weights = &mut weights;
+        let embedding_weight = weights.take(
             "model.embed_tokens.weight",
             &[cfg.vocab_size, cfg.hidden_size],
         )?;
@@ -439,6 +498,8 @@ impl Gemma2 {
                 cfg.rms_norm_eps,
             )?,
             rotary: Rotary::new(cfg, weights.dtype(), weights.device())?,
+            normalizer: Tensor::new(&[(cfg.hidden_size as f32).sqrt()], weights.device())?
+                .to_dtype(weights.dtype())?,
             cfg: cfg.clone(),
             dtype: weights.dtype(),
             device: weights.device().clone(),
@@ -506,18 +567,17 @@ impl Gemma2 {
             .flat_map(|seq| std::iter::repeat_n(0, t - seq.len()).chain(seq.iter().copied()))
             .collect();
         let ids = Tensor::from_vec(ids, (b, t), &self.device)?;
+        let positions = cache.rotary_positions(&layout, &self.device)?;
         let pass = PassContext {
-            rotary: &self.rotary,
-            positions: cache.rotary_positions(&layout, &self.device)?,
+            rotary: self
+                .rotary
+                .for_pass(b, layout.start, t, positions.as_ref())?,
             full_mask: cache.mask(&layout, None, &self.device)?,
             sliding_mask: cache.mask(&layout, Some(self.cfg.sliding_window), &self.device)?,
-            layout: &layout,
         };
         // The embedding may be stored in bf16 (see `weights::keeps_bf16`).
         let xs = self.embed_tokens.forward(&ids)?.to_dtype(self.dtype)?;
-        let normalizer = Tensor::new(&[(self.cfg.hidden_size as f32).sqrt()], &self.device)?
-            .to_dtype(self.dtype)?;
-        let mut xs = xs.broadcast_mul(&normalizer)?;
+        let mut xs = xs.broadcast_mul(&self.normalizer)?;
         let mut records = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             let wants = request.layers.get(i).copied().unwrap_or_default();
@@ -553,10 +613,8 @@ impl Gemma2 {
 }
 
 /// What one pass shares across layers: positions and masks, built once.
-struct PassContext<'a> {
-    rotary: &'a Rotary,
-    layout: &'a PassLayout,
-    positions: Option<Tensor>,
+struct PassContext {
+    rotary: PassRotary,
     full_mask: Option<Tensor>,
     sliding_mask: Option<Tensor>,
 }

@@ -151,9 +151,9 @@ impl Weights {
         })
     }
 
-    /// The tensor called `name`, which must have exactly `shape`.
-    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let tensor = self.tensors.get(name).ok_or_else(|| {
+    /// Takes out the tensor called `name`, which must have exactly `shape`.
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let tensor = self.tensors.remove(name).ok_or_else(|| {
             CaptureError::InvalidArgument(format!(
                 "tensor {name} is missing from {}: is this a Gemma-2 checkpoint?",
                 self.origin
@@ -167,7 +167,7 @@ impl Weights {
                 shape
             )));
         }
-        Ok(tensor.clone())
+        Ok(tensor)
     }
 
     /// The compute dtype.
