@@ -508,8 +508,15 @@ fn elapsed(run: &Run, now: DateTime<Utc>) -> Option<Duration> {
     (until - started).to_std().ok()
 }
 
-/// A duration to the second: `4s`, `1m 30s`, `2h 05m 00s`.
+/// A duration to a tenth of a second under 10 s (`0.8s`, `4.9s`: a small run
+/// on the embedded coordinator takes about a second), else to the second
+/// (`42s`, `1m 30s`, `2h 05m 00s`).
 pub fn duration_text(duration: Duration) -> String {
+    if duration < Duration::from_secs(10) {
+        // Truncated, as whole seconds are below, so 9.96 s is not "10.0s".
+        let tenths = duration.as_millis() / 100;
+        return format!("{}.{}s", tenths / 10, tenths % 10);
+    }
     let seconds = duration.as_secs();
     let (hours, minutes, seconds) = (seconds / 3600, seconds / 60 % 60, seconds % 60);
     if hours > 0 {
@@ -700,7 +707,9 @@ dynamic/internals/1  dead       3/3      w-2     cuda out of memory while captur
         assert!(done.is_success());
         assert_eq!(
             outcome_text(RUN_ID, &done, Duration::from_secs(3)),
-            format!("run {RUN_ID} succeeded: 2/2 jobs, 2,048 tokens, 1 artifact (1.50 KiB) in 3s")
+            format!(
+                "run {RUN_ID} succeeded: 2/2 jobs, 2,048 tokens, 1 artifact (1.50 KiB) in 3.0s"
+            )
         );
 
         let dead = vec![DeadJobView {
@@ -753,7 +762,10 @@ dynamic/internals/1  dead       3/3      w-2     cuda out of memory while captur
         assert!(retry.to_text().contains("no dead jobs"));
         assert_eq!(truncate("abcdef", 4), "abc…");
         assert_eq!(jobs_table(&[]), "no jobs\n");
-        assert_eq!(duration_text(Duration::from_millis(4_900)), "4s");
+        assert_eq!(duration_text(Duration::from_millis(4_960)), "4.9s");
+        assert_eq!(duration_text(Duration::from_millis(80)), "0.0s");
+        assert_eq!(duration_text(Duration::from_millis(9_990)), "9.9s");
+        assert_eq!(duration_text(Duration::from_millis(10_900)), "10s");
         assert_eq!(duration_text(Duration::from_secs(7_205)), "2h 00m 05s");
     }
 }
