@@ -48,7 +48,8 @@ ln -sf libcurand.so.10 "$CUDA_HOME/lib/libcurand.so"
 stub=$CUDA_HOME/lib64/stubs/libcuda.so
 if [ ! -f "$stub" ]; then
     mkdir -p "$(dirname "$stub")"
-    cudarc=$(cargo metadata --format-version 1 2>/dev/null |
+    # cudarc is an optional dependency: only the cuda feature's resolve has it.
+    cudarc=$(cargo metadata --format-version 1 --features capture-worker/cuda 2>/dev/null |
         python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"] == "cudarc"))')
     grep -ohE '^\s+fn (cu[A-Za-z0-9_]+)\(' "$(dirname "$cudarc")/src/driver/sys/mod.rs" |
         sed -E 's/\s+fn (\w+)\(/\1/' | sort -u |
