@@ -13,7 +13,11 @@
 #    loaded with torch.load(weights_only=True) and compared with the CPU's
 #    (scripts/compare_captures.py);
 # 3. `worker bench --device cuda --compare-transformers` at gemma-2-2b's
-#    dimensions (bf16), batches of 1 to 64.
+#    dimensions (bf16), batches of 1 to 128;
+# 4. the same bench without transformers and with CAPTURE_UNFUSED=1 (candle's
+#    separate operations instead of the fused norm and attention softmax of
+#    the capture-kernels crate), batches of 1 and 16, for the side-by-side
+#    ratio.
 #
 # Every step runs even when an earlier one fails; the summary at the end
 # gives each step's exit status. All output goes to OUT_DIR/all.log, the bench results to bench.json.
@@ -56,8 +60,10 @@ step compare-bf16 60 python3 scripts/compare_captures.py /tmp/run-cpu /tmp/run-b
 step bench 360 /tmp/gpu-bin/worker bench --device cuda --new-tokens 20 --prompt-tokens 30 \
     --batch-sizes 4,16,64,128 --repeats 2 --compare-transformers --python python3 \
     --json "$out/bench.json"
+step bench-unfused 120 env CAPTURE_UNFUSED=1 /tmp/gpu-bin/worker bench --device cuda \
+    --new-tokens 20 --prompt-tokens 30 --batch-sizes 16 --repeats 2 --json "$out/bench-unfused.json"
 
 echo "=== summary"
-for name in tests capture-cpu capture-cuda-bf16 capture-cuda-f32 compare-f32 compare-bf16 bench; do
+for name in tests capture-cpu capture-cuda-bf16 capture-cuda-f32 compare-f32 compare-bf16 bench bench-unfused; do
     echo "$name: exit ${status[$name]:-not run}"
 done | tee "$out/summary.txt"

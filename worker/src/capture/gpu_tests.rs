@@ -136,3 +136,121 @@ fn cuda_free_memory_is_read_from_the_driver() {
     );
     assert!(free > 1 << 30, "{free} bytes free on a GPU");
 }
+
+/// A tensor's elements on the host, as f32.
+fn host_values(t: candle_core::Tensor) -> Vec<f32> {
+    let t = t
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn cuda_fused_norms_match_the_cpu() {
+    use crate::model::norm::RmsNorm;
+    use candle_core::Tensor;
+    let gpu = cuda();
+    // Rows narrower than a warp, a block of rows and gemma-2-2b's width.
+    for (shape, seed) in [
+        (vec![3, 5, 24], 1u64),
+        (vec![40, 64], 2),
+        (vec![2, 3, 2304], 3),
+    ] {
+        let size = *shape.last().unwrap();
+        let n: usize = shape.iter().product();
+        let values = |count: usize, seed: u64| -> Vec<f32> {
+            (0..count)
+                .map(|i| (((i as u64 + 1) * (seed * 7919 + 13)) % 1000) as f32 / 125.0 - 4.0)
+                .collect()
+        };
+        let weight = Tensor::from_vec(values(size, seed + 5), size, &Device::Cpu).unwrap();
+        let (cpu_norm, gpu_norm) = (
+            RmsNorm::new(&(weight.clone() * 0.1).unwrap(), 1e-6).unwrap(),
+            RmsNorm::new(&(weight.to_device(&gpu).unwrap() * 0.1).unwrap(), 1e-6).unwrap(),
+        );
+        let x = Tensor::from_vec(values(n, seed), shape.as_slice(), &Device::Cpu).unwrap();
+        let r = Tensor::from_vec(values(n, seed + 9), shape.as_slice(), &Device::Cpu).unwrap();
+        for (dtype, tolerance) in [(DType::F32, 1e-6), (DType::BF16, 8e-3), (DType::F16, 1e-3)] {
+            let (x, r) = (x.to_dtype(dtype).unwrap(), r.to_dtype(dtype).unwrap());
+            let (gx, gr) = (x.to_device(&gpu).unwrap(), r.to_device(&gpu).unwrap());
+            let plain = norm_error(
+                &host_values(gpu_norm.forward(&gx).unwrap()),
+                &host_values(cpu_norm.forward(&x).unwrap()),
+            );
+            let added = norm_error(
+                &host_values(gpu_norm.forward_add(&gx, &gr).unwrap()),
+                &host_values(cpu_norm.forward_add(&x, &r).unwrap()),
+            );
+            eprintln!("fused norm {dtype:?} {shape:?}: {plain:.2e}, with the residual {added:.2e}");
+            assert!(
+                plain < tolerance && added < tolerance,
+                "{dtype:?} {shape:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn cuda_fused_attention_softmax_matches_the_cpu() {
+    use crate::model::attention_softmax::AttentionSoftmax;
+    use candle_core::Tensor;
+    let gpu = cuda();
+    // A decode step, a prompt pass with padding and a window, a long context.
+    for (shape, seed) in [
+        ([1, 8, 1, 37], 1u64),
+        ([3, 8, 6, 6], 2),
+        ([2, 8, 2, 3000], 3),
+    ] {
+        let [b, heads, t, ctx] = shape;
+        let n = b * heads * t * ctx;
+        let raw: Vec<f32> = (0..n)
+            .map(|i| (((i as u64 + 1) * (seed * 7919 + 13)) % 2000) as f32 / 4.0 - 250.0)
+            .collect();
+        let raw = Tensor::from_vec(raw, shape.as_slice(), &Device::Cpu).unwrap();
+        let mut mask = Vec::with_capacity(b * t * ctx);
+        for i in 0..b {
+            for q in 0..t {
+                let pos = ctx - t + q;
+                for k in 0..ctx {
+                    let visible = k <= pos && pos - k < 4096 && !(i == 1 && k < 2);
+                    mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, t, ctx), &Device::Cpu).unwrap();
+        let gpu_mask = mask.to_device(&gpu).unwrap();
+        for cap in [Some(50.0), None] {
+            let op = AttentionSoftmax {
+                scale: 256f64.powf(-0.5),
+                cap,
+            };
+            for (dtype, out, tolerance) in [
+                (DType::F32, DType::F32, 1e-6),
+                (DType::BF16, DType::F32, 1e-6),
+                (DType::BF16, DType::BF16, 8e-3),
+            ] {
+                let raw = raw.to_dtype(dtype).unwrap();
+                let gpu_raw = raw.to_device(&gpu).unwrap();
+                for masked in [false, true] {
+                    let (m, gm) = match masked {
+                        true => (Some(&mask), Some(&gpu_mask)),
+                        false => (None, None),
+                    };
+                    let error = norm_error(
+                        &host_values(op.forward(&gpu_raw, gm, out).unwrap()),
+                        &host_values(op.forward(&raw, m, out).unwrap()),
+                    );
+                    eprintln!(
+                        "fused attention softmax {shape:?} {dtype:?} to {out:?}, cap {cap:?}, mask {masked}: {error:.2e}"
+                    );
+                    assert!(
+                        error < tolerance,
+                        "{shape:?} {dtype:?} {out:?} {cap:?} {masked}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -7,8 +7,10 @@
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::Embedding;
 
+use super::attention_softmax::AttentionSoftmax;
 use super::cache::{KvCache, PassLayout};
 use super::config::{Gemma2Config, LayerKind};
+use super::norm::RmsNorm;
 use super::weights::Weights;
 use super::{bf16_weights, matvec};
 
@@ -74,29 +76,6 @@ impl LayerRecord {
             gelu: map(self.gelu)?,
             down_proj: map(self.down_proj)?,
         })
-    }
-}
-
-/// `x * rsqrt(mean(x^2) + eps) * (1 + w)` computed in f32.
-#[derive(Debug, Clone)]
-struct RmsNorm {
-    one_plus_weight: Tensor,
-    eps: f32,
-}
-
-impl RmsNorm {
-    fn load(w: &mut Weights, name: &str, size: usize, eps: f64) -> crate::error::Result<Self> {
-        let weight = w.take(name, &[size])?.to_dtype(DType::F32)?;
-        Ok(Self {
-            one_plus_weight: (weight + 1.0)?,
-            eps: eps as f32,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let dtype = xs.dtype();
-        let xs = xs.to_dtype(DType::F32)?;
-        candle_nn::ops::rms_norm(&xs, &self.one_plus_weight, self.eps)?.to_dtype(dtype)
     }
 }
 
@@ -245,8 +224,7 @@ struct Attention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
-    scale: f64,
-    softcap: Option<f64>,
+    softmax: AttentionSoftmax,
     window: Option<usize>,
 }
 
@@ -273,8 +251,10 @@ impl Attention {
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
-            scale: cfg.query_pre_attn_scalar.powf(-0.5),
-            softcap: cfg.attn_logit_softcapping,
+            softmax: AttentionSoftmax {
+                scale: cfg.query_pre_attn_scalar.powf(-0.5),
+                cap: cfg.attn_logit_softcapping,
+            },
             window: (kind == LayerKind::Sliding).then_some(cfg.sliding_window),
         })
     }
@@ -315,23 +295,17 @@ impl Attention {
         // share a key/value head are stacked along the row axis.
         let groups = self.heads / self.kv_heads;
         let q = q.reshape((b, self.kv_heads, groups * t, self.head_dim))?;
-        let scores = (q.matmul(&k.t()?)? * self.scale)?;
-        let scores = scores
-            .reshape((b, self.heads, t, context))?
-            .to_dtype(DType::F32)?;
-        let scores = match self.softcap {
-            Some(cap) => ((scores / cap)?.tanh()? * cap)?,
-            None => scores,
-        };
+        let scores = q.matmul(&k.t()?)?.reshape((b, self.heads, t, context))?;
         let mask = match self.window {
             Some(_) => pass.sliding_mask.as_ref(),
             None => pass.full_mask.as_ref(),
         };
-        let scores = match mask {
-            Some(mask) => scores.broadcast_add(mask)?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        // Scaling, soft-capping, the mask and the softmax in one operation;
+        // f32 probabilities when they are recorded, else straight in the
+        // compute dtype for the product with the values.
+        let recorded = wants.attention_heads || wants.attention_mean;
+        let out = if recorded { DType::F32 } else { v.dtype() };
+        let probs = self.softmax.forward(&scores, mask, out)?;
         if wants.attention_heads {
             record.attention_heads = Some(probs.clone());
         }
@@ -440,8 +414,7 @@ impl DecoderLayer {
         let xs = self
             .self_attn
             .forward(&xs, pass, cache, layer, wants, record)?;
-        let xs = self.post_attention_layernorm.forward(&xs)?;
-        let xs = (xs + &residual)?;
+        let xs = self.post_attention_layernorm.forward_add(&xs, &residual)?;
         if wants.residual {
             record.residual_in = Some(residual.clone());
             record.after_attn = Some(xs.clone());
@@ -449,8 +422,9 @@ impl DecoderLayer {
         let residual = xs;
         let xs = self.pre_feedforward_layernorm.forward(&residual)?;
         let xs = self.mlp.forward(&xs, wants, record)?;
-        let xs = self.post_feedforward_layernorm.forward(&xs)?;
-        let xs = (xs + residual)?;
+        let xs = self
+            .post_feedforward_layernorm
+            .forward_add(&xs, &residual)?;
         if wants.residual {
             record.residual_out = Some(xs.clone());
         }

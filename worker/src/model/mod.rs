@@ -1,10 +1,13 @@
 //! The hooked Gemma-2 model: configuration, weights and the forward pass.
 
+pub mod attention_softmax;
 pub mod bf16_weights;
 pub mod cache;
 pub mod config;
+pub mod fused;
 pub mod gemma2;
 pub mod matvec;
+pub mod norm;
 pub mod weights;
 
 pub use cache::{KvCache, PassLayout};

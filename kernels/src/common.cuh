@@ -1,0 +1,50 @@
+// Helpers shared by the worker's kernels: conversions between a storage
+// dtype and the f32 arithmetic, and block-wide reductions.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float widen(float x) { return x; }
+__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
+
+// Round to nearest even, as candle's casts do.
+template <typename T> __device__ __forceinline__ T narrow_to(float x);
+template <> __device__ __forceinline__ float narrow_to<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 narrow_to<__nv_bfloat16>(float x) {
+    return __float2bfloat16(x);
+}
+template <> __device__ __forceinline__ __half narrow_to<__half>(float x) {
+    return __float2half(x);
+}
+
+struct Sum {
+    __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+struct Max {
+    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+// `op` over every thread's `v` in the block, returned to every thread.
+// blockDim.x must be a multiple of 32 (at most 1024); every thread calls it.
+template <typename Op>
+__device__ __forceinline__ float block_reduce(float v, Op op, float identity) {
+    __shared__ float partial[32];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        v = op(v, __shfl_xor_sync(0xffffffff, v, offset));
+    }
+    __syncthreads(); // `partial` may still be read by an earlier call.
+    if (lane == 0) {
+        partial[warp] = v;
+    }
+    __syncthreads();
+    v = lane < (int)(blockDim.x >> 5) ? partial[lane] : identity;
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        v = op(v, __shfl_xor_sync(0xffffffff, v, offset));
+    }
+    return v;
+}

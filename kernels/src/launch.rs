@@ -1,0 +1,207 @@
+//! Launching the kernels on candle's CUDA storage.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{CudaStorage, DType, Layout, WithDType};
+use half::{bf16, f16};
+
+/// The PTX modules, compiled by `build.rs`: (module name, text).
+const RMS_NORM: (&str, &str) = (
+    "capture_rms_norm",
+    include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx")),
+);
+const ATTENTION_SOFTMAX: (&str, &str) = (
+    "capture_attention_softmax",
+    include_str!(concat!(env!("OUT_DIR"), "/attention_softmax.ptx")),
+);
+
+/// `residual + T(x / sqrt(mean(x^2) + eps) * weight)` over the last axis
+/// of `x` (f32, bf16 or f16; without `residual`, just the norm), with an
+/// f32 `weight` as long as that axis; a new storage shaped as `x`.
+pub fn rms_norm(
+    x: (&CudaStorage, &Layout),
+    residual: Option<(&CudaStorage, &Layout)>,
+    weight: (&CudaStorage, &Layout),
+    eps: f32,
+) -> candle_core::Result<CudaStorage> {
+    const WHAT: &str = "rms-norm";
+    let width = *x.1.dims().last().unwrap_or(&0);
+    if weight.1.dims() != [width] || weight.0.dtype() != DType::F32 {
+        candle_core::bail!(
+            "{WHAT}: weight {:?} {:?} for rows of {width}",
+            weight.0.dtype(),
+            weight.1.dims()
+        );
+    }
+    if let Some(r) = residual
+        && (r.1.dims() != x.1.dims() || r.0.dtype() != x.0.dtype())
+    {
+        candle_core::bail!(
+            "{WHAT}: residual {:?} for input {:?}",
+            r.1.dims(),
+            x.1.dims()
+        );
+    }
+    match x.0.dtype() {
+        DType::F32 => norm::<f32>("f32", x, residual, weight, eps),
+        DType::BF16 => norm::<bf16>("bf16", x, residual, weight, eps),
+        DType::F16 => norm::<f16>("f16", x, residual, weight, eps),
+        other => candle_core::bail!("{WHAT}: unsupported dtype {other:?}"),
+    }
+}
+
+fn norm<T: CudaDType + DeviceRepr>(
+    suffix: &str,
+    x: (&CudaStorage, &Layout),
+    residual: Option<(&CudaStorage, &Layout)>,
+    weight: (&CudaStorage, &Layout),
+    eps: f32,
+) -> candle_core::Result<CudaStorage> {
+    const WHAT: &str = "rms-norm";
+    let dev = x.0.device().clone();
+    let xs = view::<T>(x, WHAT)?;
+    let ws = view::<f32>(weight, WHAT)?;
+    let rs = residual.map(|r| view::<T>(r, WHAT)).transpose()?;
+    let (elements, width) = (xs.len(), ws.len());
+    let name = match rs {
+        Some(_) => format!("capture_rms_norm_add_{suffix}"),
+        None => format!("capture_rms_norm_{suffix}"),
+    };
+    // Loaded once per device.
+    let func = dev.get_or_load_custom_func(&name, RMS_NORM.0, RMS_NORM.1)?;
+    // SAFETY: the kernel below writes every element (one block per row).
+    let out = unsafe { dev.alloc::<T>(elements)? };
+    if width > 0 && elements > 0 {
+        let width_arg = width as i32;
+        let mut builder = func.builder();
+        builder.arg(&xs);
+        if let Some(rs) = &rs {
+            builder.arg(rs);
+        }
+        builder.arg(&ws);
+        builder.arg(&out);
+        builder.arg(&width_arg);
+        builder.arg(&eps);
+        // SAFETY: the arguments are the kernel's, in its order and types;
+        // `xs`, `rs` and `out` hold `elements`, a whole number of rows of
+        // `width` (the last axis, checked against the weight's length), and
+        // block `r` reads and writes only row `r`.
+        unsafe { builder.launch(rows(elements / width, width)) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// Attention probabilities `[b, heads, t, ctx]` in `out` (f32, or the
+/// scores' dtype) from raw query-key products `scores` (`[b, heads, t,
+/// ctx]`; f32, bf16 or f16): `T(raw * T(scale))`, soft-capped in f32 as
+/// `tanh(s / cap) * cap` when `cap` is given, plus the f32 `mask` (`[b, 1,
+/// t, ctx]`) when given, then the softmax over the keys in f32.
+pub fn attention_softmax(
+    scores: (&CudaStorage, &Layout),
+    mask: Option<(&CudaStorage, &Layout)>,
+    out: DType,
+    scale: f64,
+    cap: Option<f64>,
+) -> candle_core::Result<CudaStorage> {
+    const WHAT: &str = "attention-softmax";
+    let &[b, _, t, ctx] = scores.1.dims() else {
+        candle_core::bail!(
+            "{WHAT}: scores {:?}, not [b, heads, t, ctx]",
+            scores.1.dims()
+        );
+    };
+    if let Some(m) = mask
+        && (m.1.dims() != [b, 1, t, ctx] || m.0.dtype() != DType::F32)
+    {
+        candle_core::bail!(
+            "{WHAT}: mask {:?} for scores {:?}",
+            m.1.dims(),
+            scores.1.dims()
+        );
+    }
+    let args = Softmax { mask, scale, cap };
+    match (scores.0.dtype(), out) {
+        (DType::F32, DType::F32) => args.launch::<f32, f32>("f32_f32", scores),
+        (DType::BF16, DType::F32) => args.launch::<bf16, f32>("bf16_f32", scores),
+        (DType::BF16, DType::BF16) => args.launch::<bf16, bf16>("bf16_bf16", scores),
+        (DType::F16, DType::F32) => args.launch::<f16, f32>("f16_f32", scores),
+        (DType::F16, DType::F16) => args.launch::<f16, f16>("f16_f16", scores),
+        (s, o) => candle_core::bail!("{WHAT}: unsupported dtypes {s:?} to {o:?}"),
+    }
+}
+
+struct Softmax<'a> {
+    mask: Option<(&'a CudaStorage, &'a Layout)>,
+    scale: f64,
+    cap: Option<f64>,
+}
+
+impl Softmax<'_> {
+    fn launch<T: CudaDType + DeviceRepr + WithDType, O: CudaDType + DeviceRepr>(
+        &self,
+        suffix: &str,
+        scores: (&CudaStorage, &Layout),
+    ) -> candle_core::Result<CudaStorage> {
+        const WHAT: &str = "attention-softmax";
+        let dims = scores.1.dims();
+        let (heads, t, ctx) = (dims[1], dims[2], dims[3]);
+        let dev = scores.0.device().clone();
+        let raw = view::<T>(scores, WHAT)?;
+        let mask = self.mask.map(|m| view::<f32>(m, WHAT)).transpose()?;
+        let elements = raw.len();
+        let name = format!("capture_attention_softmax_{suffix}");
+        let func = dev.get_or_load_custom_func(&name, ATTENTION_SOFTMAX.0, ATTENTION_SOFTMAX.1)?;
+        // SAFETY: the kernel below writes every element (one block per row).
+        let out = unsafe { dev.alloc::<O>(elements)? };
+        if elements > 0 {
+            // The scale as candle's affine applies it: in the scores' dtype.
+            let scale = T::from_f64(self.scale).to_f64() as f32;
+            let cap = self.cap.map_or(0.0, |c| c as f32);
+            let (ctx_arg, t_arg, heads_arg) = (ctx as i32, t as i32, heads as i32);
+            let null = 0u64;
+            let mut builder = func.builder();
+            builder.arg(&raw);
+            match &mask {
+                Some(mask) => builder.arg(mask),
+                None => builder.arg(&null),
+            };
+            builder.arg(&out);
+            builder.arg(&ctx_arg);
+            builder.arg(&t_arg);
+            builder.arg(&heads_arg);
+            builder.arg(&scale);
+            builder.arg(&cap);
+            // SAFETY: the arguments are the kernel's, in its order and types
+            // (a null mask pointer is "no mask"); `raw` and `out` hold the
+            // `[b, heads, t, ctx]` elements, the mask `[b, 1, t, ctx]` (both
+            // checked above); block `r` reads row `r` of the scores and row
+            // `(r / (heads t)) t + r % t` of the mask, and writes row `r`.
+            unsafe { builder.launch(rows(elements / ctx, ctx)) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
+}
+
+/// The elements of a contiguous layout of `storage`, as `T`.
+fn view<'a, T: CudaDType + DeviceRepr>(
+    (storage, layout): (&'a CudaStorage, &Layout),
+    what: &str,
+) -> candle_core::Result<CudaView<'a, T>> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(storage.as_cuda_slice::<T>()?.slice(start..end)),
+        None => candle_core::bail!("{what}: the inputs must be contiguous"),
+    }
+}
+
+/// One block per row of `width` elements, a thread per element up to 1024
+/// (a multiple of 32, as the kernels' reductions need).
+fn rows(rows: usize, width: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (width.next_multiple_of(32).clamp(32, 1024) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
