@@ -11,6 +11,7 @@
 use std::sync::OnceLock;
 
 use candle_core::Layout;
+use rayon::prelude::*;
 
 /// Whether `CAPTURE_UNFUSED` asks for candle's separate operations (read
 /// once per process).
@@ -32,5 +33,32 @@ pub fn contiguous<'a, T>(
     }
 }
 
-/// Rows at which the CPU implementations work on rows in parallel.
-pub const PARALLEL_ROWS: usize = 32;
+/// Rows above which the CPU implementations work on rows in parallel.
+const PARALLEL_ROWS: usize = 32;
+
+/// `row(i, input row i, output row i)` for every row of `width` elements,
+/// in parallel when there are many rows (as candle's CPU operations do).
+pub fn for_each_row<A: Sync, B: Send>(
+    input: &[A],
+    output: &mut [B],
+    width: usize,
+    row: impl Fn(usize, &[A], &mut [B]) + Sync + Send,
+) {
+    if width == 0 {
+        return;
+    }
+    let row = |(i, (a, b)): (usize, (&[A], &mut [B]))| row(i, a, b);
+    if input.len() / width <= PARALLEL_ROWS {
+        input
+            .chunks(width)
+            .zip(output.chunks_mut(width))
+            .enumerate()
+            .for_each(row);
+    } else {
+        input
+            .par_chunks(width)
+            .zip(output.par_chunks_mut(width))
+            .enumerate()
+            .for_each(row);
+    }
+}

@@ -20,12 +20,10 @@
 //! `CAPTURE_UNFUSED=1` selects candle's operations instead (see
 //! [`super::fused`]).
 
+use super::fused::{contiguous, for_each_row, unfused};
+use super::weights::Weights;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
-use rayon::prelude::*;
-
-use super::fused::{PARALLEL_ROWS, contiguous, unfused};
-use super::weights::Weights;
 
 /// `x / sqrt(mean(x^2) + eps) * (1 + w)`, computed in f32, in `x`'s dtype.
 #[derive(Debug, Clone)]
@@ -136,7 +134,7 @@ impl CustomOp2 for Fused {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.check(l1, None, l2)?;
+        // capture_kernels checks the shapes as `check` does.
         let out = capture_kernels::rms_norm((s1, l1), None, (s2, l2), self.eps)?;
         Ok((out, l1.shape().clone()))
     }
@@ -169,7 +167,6 @@ impl CustomOp3 for Fused {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.check(l1, Some(l2), l3)?;
         let out = capture_kernels::rms_norm((s1, l1), Some((s2, l2)), (s3, l3), self.eps)?;
         Ok((out, l1.shape().clone()))
     }
@@ -188,11 +185,8 @@ fn cpu_rows<T: WithDType>(
     };
     let n = w.len();
     let mut out = vec![T::zero(); xs.len()];
-    if n == 0 {
-        return Ok(T::to_cpu_storage_owned(out));
-    }
-    let row = |(i, (x, out)): (usize, (&[T], &mut [T]))| {
-        let widen = |v: T| v.to_f64() as f32;
+    let widen = |v: T| v.to_f64() as f32;
+    for_each_row(xs, &mut out, n, |i, x, out| {
         // Sequential f32 sum and `x / rms * w`: candle's formula and order.
         let sum: f32 = x.iter().map(|&v| widen(v) * widen(v)).sum();
         let rms = (sum / n as f32 + eps).sqrt();
@@ -204,39 +198,22 @@ fn cpu_rows<T: WithDType>(
                 None => y,
             };
         }
-    };
-    if xs.len() / n <= PARALLEL_ROWS {
-        xs.chunks(n)
-            .zip(out.chunks_mut(n))
-            .enumerate()
-            .for_each(row);
-    } else {
-        xs.par_chunks(n)
-            .zip(out.par_chunks_mut(n))
-            .enumerate()
-            .for_each(row);
-    }
+    });
     Ok(T::to_cpu_storage_owned(out))
 }
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::{DType, Tensor};
+
+    use crate::model::matvec::tests::random as random_rows;
 
     use super::RmsNorm;
 
+    /// Deterministic values in [-1, 1) (see `matvec::tests::random`).
     fn random(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-        let values: Vec<f32> = (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 33) as f32 / (1u64 << 31) as f32) * 4.0 - 2.0
-            })
-            .collect();
-        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+        let n = shape.iter().product();
+        random_rows((n, 1), seed).reshape(shape).unwrap()
     }
 
     /// What the model computed before the fused operation: a cast to f32,
