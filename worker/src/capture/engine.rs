@@ -168,6 +168,11 @@ fn run_steps(
         .map(|&i| items[i].prompt_ids.to_vec())
         .collect();
     let mut cache = model.new_cache(running.len());
+    // Room for the longest prompt and every decode step (the last response
+    // token is not fed back): passes write into the cache in place.
+    let longest_prompt = inputs.iter().map(Vec::len).max().unwrap_or(0);
+    let most_steps = running.iter().map(|&i| items[i].plan.max_steps()).max();
+    cache.reserve(longest_prompt + most_steps.unwrap_or(0).saturating_sub(1));
     // A pass's records are appended to the traces once the next pass is
     // queued: a GPU runs that pass's kernels while the host appends, instead
     // of waiting for it. (On the CPU a pass computes before it returns, so

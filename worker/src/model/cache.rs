@@ -13,15 +13,60 @@ use std::ops::Range;
 
 use candle_core::{Device, Tensor};
 
-/// Keys and values of every layer for the columns seen so far, `[batch,
-/// kv_heads, columns, head_dim]`, and the position held by each column of
-/// each sequence.
-#[derive(Debug, Clone)]
+/// Keys and values of every layer for the columns seen so far, and the
+/// position held by each column of each sequence.
+///
+/// Each layer's keys and values live in buffers `[batch, kv_heads,
+/// capacity, head_dim]` that a pass writes its new columns into, in place:
+/// a decode step copies one column per sequence instead of the whole cache
+/// (which at a batch of 64 and a few hundred columns would move as many
+/// bytes per step as the weights). [`KvCache::reserve`] sizes the buffers
+/// for a whole generation up front; without it, or past it, they grow
+/// geometrically.
+///
+/// Not `Clone`: clones would share the buffers that passes write into.
+#[derive(Debug)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
     /// `columns[i][c]`: the position of sequence `i`'s token in column `c`,
     /// `None` for padding.
     columns: Vec<Vec<Option<usize>>>,
+    /// Columns allocated at a layer's first pass (at least that pass's).
+    reserved: usize,
+}
+
+/// One layer's key and value buffers, `[batch, kv_heads, capacity,
+/// head_dim]`; the cache's first [`KvCache::len`] columns are written (the
+/// rest is zeros or stale values that no pass reads).
+#[derive(Debug)]
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+}
+
+impl LayerKv {
+    /// Zeroed buffers of `capacity` columns, otherwise shaped like `k` and
+    /// `v`.
+    fn zeros(k: &Tensor, v: &Tensor, capacity: usize) -> candle_core::Result<Self> {
+        let buffer = |like: &Tensor| -> candle_core::Result<Tensor> {
+            let (b, heads, _, head_dim) = like.dims4()?;
+            Tensor::zeros((b, heads, capacity, head_dim), like.dtype(), like.device())
+        };
+        Ok(Self {
+            k: buffer(k)?,
+            v: buffer(v)?,
+        })
+    }
+
+    fn capacity(&self) -> candle_core::Result<usize> {
+        self.k.dim(2)
+    }
+
+    /// Writes `k` and `v` into the buffers from column `start` on.
+    fn write(&self, k: &Tensor, v: &Tensor, start: usize) -> candle_core::Result<()> {
+        self.k.slice_set(k, 2, start)?;
+        self.v.slice_set(v, 2, start)
+    }
 }
 
 /// The layout of one pass: `t` new columns per sequence.
@@ -52,9 +97,27 @@ impl KvCache {
     /// An empty cache for `batch` sequences.
     pub fn new(num_layers: usize, batch: usize) -> Self {
         Self {
-            layers: vec![None; num_layers],
+            layers: (0..num_layers).map(|_| None).collect(),
             columns: vec![Vec::new(); batch],
+            reserved: 0,
         }
+    }
+
+    /// Allocates room for `columns` columns (padded prompt plus decode
+    /// steps) at each layer's first pass, so that no later pass within them
+    /// moves what is cached. Call before the first pass; a smaller or later
+    /// reservation changes nothing.
+    pub fn reserve(&mut self, columns: usize) {
+        self.reserved = self.reserved.max(columns);
+    }
+
+    /// Columns each layer's buffers hold (0 before the first pass).
+    pub fn capacity(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .find_map(|layer| layer.capacity().ok())
+            .unwrap_or(0)
     }
 
     /// Number of columns cached (the same for every sequence).
@@ -179,20 +242,45 @@ impl KvCache {
         Ok(Some(Tensor::new(ids, device)?))
     }
 
-    /// Appends `k`, `v` (`[batch, kv_heads, t, head_dim]`) of `layer` and
-    /// returns the full cached keys and values.
+    /// Appends `k`, `v` (`[batch, kv_heads, t, head_dim]`, contiguous) of
+    /// `layer` and returns the full cached keys and values, views of the
+    /// layer's buffers: `[batch, kv_heads, len + t, head_dim]`.
     pub(super) fn append(
         &mut self,
         layer: usize,
         k: Tensor,
         v: Tensor,
     ) -> candle_core::Result<(Tensor, Tensor)> {
-        let (k, v) = match self.layers[layer].take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        // Every layer appends at the same columns: the pass is committed
+        // once all have.
+        let start = self.len();
+        let end = start + k.dim(2)?;
+        let buffers = match self.layers[layer].take() {
+            // Nothing reserved beyond this pass: the new columns are the
+            // buffers (never written into: the next pass grows them).
+            None if end >= self.reserved => LayerKv { k, v },
+            None => {
+                let buffers = LayerKv::zeros(&k, &v, self.reserved)?;
+                buffers.write(&k, &v, 0)?;
+                buffers
+            }
+            Some(old) => {
+                let capacity = old.capacity()?;
+                let buffers = if end > capacity {
+                    let grown = LayerKv::zeros(&old.k, &old.v, end.max(2 * capacity))?;
+                    grown.write(&old.k, &old.v, 0)?;
+                    grown
+                } else {
+                    old
+                };
+                buffers.write(&k, &v, start)?;
+                buffers
+            }
         };
-        self.layers[layer] = Some((k.clone(), v.clone()));
-        Ok((k, v))
+        let cached = (buffers.k.narrow(2, 0, end)?, buffers.v.narrow(2, 0, end)?);
+        self.layers[layer] = Some(buffers);
+        Ok(cached)
     }
 
     /// Records the pass's columns once every layer has appended its keys.
@@ -219,12 +307,12 @@ impl KvCache {
         for layer in self.layers.iter_mut().flatten() {
             let index = Tensor::new(
                 keep.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                layer.0.device(),
+                layer.k.device(),
             )?;
-            *layer = (
-                layer.0.index_select(&index, 0)?,
-                layer.1.index_select(&index, 0)?,
-            );
+            *layer = LayerKv {
+                k: layer.k.index_select(&index, 0)?,
+                v: layer.v.index_select(&index, 0)?,
+            };
         }
         self.columns = columns;
         Ok(())
@@ -344,6 +432,88 @@ mod tests {
                 .to_string()
                 .contains("zero")
         );
+    }
+
+    /// Keys or values `[batch, 2 heads, t, 3]` numbered from `first` on.
+    fn numbered(batch: usize, t: usize, first: f32) -> Tensor {
+        let n = batch * 2 * t * 3;
+        let values: Vec<f32> = (0..n).map(|x| first + x as f32).collect();
+        Tensor::from_vec(values, (batch, 2, t, 3), &Device::Cpu).unwrap()
+    }
+
+    /// Appends one pass of `t` new columns per sequence to layer 0 (and
+    /// commits it), checks that the cached keys and values are `everything`
+    /// with the pass's columns concatenated, and updates `everything`.
+    fn append_pass(cache: &mut KvCache, t: usize, everything: &mut Option<(Tensor, Tensor)>) {
+        let first = 1000.0 * cache.len() as f32;
+        let (k, v) = (
+            numbered(cache.batch(), t, first),
+            numbered(cache.batch(), t, -first),
+        );
+        let pass = cache.layout(&vec![t; cache.batch()]).unwrap();
+        let (ck, cv) = cache.append(0, k.clone(), v.clone()).unwrap();
+        cache.commit(pass);
+        let want = match everything.take() {
+            None => (k, v),
+            Some((pk, pv)) => (
+                Tensor::cat(&[&pk, &k], 2).unwrap(),
+                Tensor::cat(&[&pv, &v], 2).unwrap(),
+            ),
+        };
+        for (got, want) in [(&ck, &want.0), (&cv, &want.1)] {
+            assert_eq!(got.dims(), want.dims());
+            assert_eq!(
+                got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+        }
+        *everything = Some(want);
+    }
+
+    #[test]
+    fn reserved_buffers_are_written_in_place_and_grow_past_the_reservation() {
+        let mut cache = KvCache::new(1, 2);
+        cache.reserve(5);
+        let mut everything = None;
+        append_pass(&mut cache, 3, &mut everything);
+        assert_eq!(cache.capacity(), 5);
+        let buffer = cache.layers[0].as_ref().unwrap().k.id();
+        for _ in 0..2 {
+            append_pass(&mut cache, 1, &mut everything);
+        }
+        // two decode steps written into the buffer the prompt pass allocated
+        assert_eq!(cache.capacity(), 5);
+        assert_eq!(cache.layers[0].as_ref().unwrap().k.id(), buffer);
+        // past the reservation the buffers double, keeping what they hold
+        append_pass(&mut cache, 1, &mut everything);
+        assert_eq!(cache.capacity(), 10);
+        append_pass(&mut cache, 2, &mut everything);
+        assert_eq!(cache.len(), 8);
+
+        // dropping a sequence keeps the other's columns, in place after it
+        cache.retain(&[1]).unwrap();
+        let (pk, pv) = everything.take().unwrap();
+        let index = Tensor::new(&[1u32], &Device::Cpu).unwrap();
+        everything = Some((
+            pk.index_select(&index, 0).unwrap(),
+            pv.index_select(&index, 0).unwrap(),
+        ));
+        append_pass(&mut cache, 1, &mut everything);
+        assert_eq!(cache.capacity(), 10);
+    }
+
+    #[test]
+    fn without_a_reservation_the_first_pass_is_the_buffer() {
+        let mut cache = KvCache::new(1, 1);
+        let mut everything = None;
+        append_pass(&mut cache, 4, &mut everything);
+        assert_eq!(cache.capacity(), 4);
+        append_pass(&mut cache, 1, &mut everything);
+        assert_eq!(cache.capacity(), 8);
+        // a reservation after the first pass changes nothing
+        cache.reserve(100);
+        append_pass(&mut cache, 1, &mut everything);
+        assert_eq!(cache.capacity(), 8);
     }
 
     #[test]
