@@ -25,6 +25,7 @@ use std::future::Future;
 use std::time::Duration;
 
 pub mod error;
+pub mod migrations;
 pub mod model;
 pub mod postgres;
 pub mod retry;

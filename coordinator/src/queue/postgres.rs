@@ -19,13 +19,12 @@ use super::{
     RunStatus, WorkerRecord, WorkerSeen, retry::duration_millis, validate_lease,
 };
 
+use super::migrations::POSTGRES_MIGRATOR;
+
 mod finalize;
 mod reads;
 mod rows;
 mod runs;
-
-/// The embedded Postgres migrations (`migrations/postgres`).
-pub static POSTGRES_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
 
 /// Most expired leases one reaper pass releases.
 const REAP_BATCH_SIZE: i64 = 1000;

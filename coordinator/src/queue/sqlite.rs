@@ -24,15 +24,14 @@ use super::{
     RunStatus, WorkerRecord, WorkerSeen, retry::duration_millis, validate_lease,
 };
 
+use super::migrations::SQLITE_MIGRATOR;
+
 mod finalize;
 mod reads;
 mod rows;
 mod runs;
 
 use rows::{id_text, millis_to_time};
-
-/// The embedded SQLite migrations (`migrations/sqlite`).
-pub static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
 /// Starts a write transaction holding SQLite's write lock from the start.
 const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";

@@ -1,12 +1,14 @@
 //! The job queue's trait-level test suite, run against Postgres (a fresh
-//! database per test via `#[sqlx::test]`; needs `DATABASE_URL`, which
-//! `scripts/test.sh` sets) and SQLite (a temporary file per test).
+//! database per test, [`database::TestDatabase`]; needs `DATABASE_URL`,
+//! which `scripts/test.sh` sets) and SQLite (a temporary file per test).
 
 mod concurrency;
+mod database;
 mod fixtures;
 mod scenarios;
 
 use capture_coordinator::queue::{JobQueue, PostgresQueue, Queue};
+use database::TestDatabase;
 
 /// A Postgres queue on the per-test database `pool` points at.
 async fn postgres_queue(pool: sqlx::PgPool) -> Queue {
@@ -40,9 +42,12 @@ macro_rules! job_queue_test_suite {
     ($($scenario:ident),+ $(,)?) => {
         mod postgres_backend {
             $(
-                #[sqlx::test(migrations = false)]
-                async fn $scenario(pool: sqlx::PgPool) {
-                    crate::scenarios::$scenario(crate::postgres_queue(pool).await).await;
+                #[tokio::test]
+                async fn $scenario() {
+                    let database = crate::TestDatabase::create().await;
+                    let queue = crate::postgres_queue(database.pool(5).await).await;
+                    crate::scenarios::$scenario(queue).await;
+                    database.drop_database().await;
                 }
             )+
         }
@@ -78,18 +83,12 @@ job_queue_test_suite!(
 );
 
 /// 12 workers, 500 jobs, on a pool of 16 connections to a fresh database.
-#[sqlx::test(migrations = false)]
-async fn postgres_every_job_completes_exactly_once_under_concurrent_workers(
-    pool_options: sqlx::postgres::PgPoolOptions,
-    connect_options: sqlx::postgres::PgConnectOptions,
-) {
-    let pool = pool_options
-        .max_connections(16)
-        .connect_with(connect_options)
-        .await
-        .expect("connect to the test database");
-    let queue = postgres_queue(pool).await;
+#[tokio::test]
+async fn postgres_every_job_completes_exactly_once_under_concurrent_workers() {
+    let database = TestDatabase::create().await;
+    let queue = postgres_queue(database.pool(16).await).await;
     concurrency::every_job_completes_exactly_once_under_concurrent_workers(queue, 12, 500).await;
+    database.drop_database().await;
 }
 
 /// The same on SQLite, smaller: its writers take turns.
