@@ -35,6 +35,8 @@ Examples::
         --prompt "Hello there" --mode internals --layers all --out /tmp/ref
     python scripts/reference_capture.py --model tests/fixtures/tiny-gemma2 \\
         --prompt-set dynamic --mode internals --layers 1,3 --replay /tmp/ref --out /tmp/ref2
+    python scripts/reference_capture.py --model tests/fixtures/tiny-gemma2 \\
+        --prompt-set single_trait,dynamic,adversarial --mode residual --out /tmp/ref3
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--model", required=True, type=Path, help="local checkpoint directory (config.json, safetensors, tokenizer.json)")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt-set", help=f"name of a built-in prompt set: PROMPTS_DIR/NAME.json (default dir {DEFAULT_PROMPTS_DIR})")
+    source.add_argument("--prompt-set", help=f"name of a built-in prompt set: PROMPTS_DIR/NAME.json (default dir {DEFAULT_PROMPTS_DIR}); several comma-separated (single_trait,dynamic) capture one after the other in one process")
     source.add_argument("--prompt-file", type=Path, help="a prompt set JSON file; the set name is the file stem")
     source.add_argument("--prompt", help='one prompt text; set name "custom", id "1"')
     parser.add_argument("--prompts-dir", type=Path, default=DEFAULT_PROMPTS_DIR, help="where --prompt-set looks for NAME.json")
@@ -79,19 +81,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- prompts
 
 
-def load_prompts(args: argparse.Namespace) -> tuple[str, list[dict[str, Any]]]:
-    """Return (set name, [{"id", "text"}, ...])."""
+def load_prompt_sets(args: argparse.Namespace) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Return [(set name, [{"id", "text"}, ...]), ...]: one set, or each of a comma-separated --prompt-set."""
     if args.prompt is not None:
-        return "custom", [{"id": "1", "text": args.prompt}]
+        return [("custom", [{"id": "1", "text": args.prompt}])]
     if args.prompt_file is not None:
-        path = args.prompt_file
-        name = path.stem
-    else:
-        path = args.prompts_dir / f"{args.prompt_set}.json"
-        name = args.prompt_set
+        return [(args.prompt_file.stem, load_prompts(args.prompt_file))]
+    names = [n.strip() for n in args.prompt_set.split(",") if n.strip()]
+    if not names or len(set(names)) != len(names):
+        raise SystemExit(f"--prompt-set {args.prompt_set!r}: name one or more different sets")
+    sets = []
+    for name in names:
+        path = args.prompts_dir / f"{name}.json"
         if not path.is_file():
             known = sorted(p.stem for p in args.prompts_dir.glob("*.json")) if args.prompts_dir.is_dir() else []
             raise SystemExit(f"unknown prompt set {name!r}: no {path}; known sets are {', '.join(known) or '(none)'}")
+        sets.append((name, load_prompts(path)))
+    return sets
+
+
+def load_prompts(path: Path) -> list[dict[str, Any]]:
+    """Return [{"id", "text"}, ...] of the prompt set file `path`."""
     data = json.loads(path.read_text(encoding="utf-8"))
     prompts = data["prompts"] if isinstance(data, dict) else data
     out = []
@@ -102,7 +112,7 @@ def load_prompts(args: argparse.Namespace) -> tuple[str, list[dict[str, Any]]]:
     ids = [str(p["id"]) for p in out]
     if len(set(ids)) != len(ids):
         raise SystemExit(f"{path}: duplicate prompt ids")
-    return name, out
+    return out
 
 
 def parse_layers(spec: str | None, mode: str, num_layers: int) -> list[int]:
@@ -473,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
-    set_name, prompts = load_prompts(args)
+    prompt_sets = load_prompt_sets(args)
 
     model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="eager", dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -486,48 +496,51 @@ def main(argv: list[str] | None = None) -> int:
     eos_ids = set(eos if isinstance(eos, list) else [eos])
 
     recorder = Recorder(model, layers, internals=args.mode == "internals")
-    out_dir = args.out / "inference" / "raw" / args.mode / set_name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary = []
-    for prompt in prompts:
-        pid, text = str(prompt["id"]), prompt["text"]
-        prompt_ids = [bos] + list(tok(text, add_special_tokens=False).input_ids)
-        forced = None
-        if args.replay is not None:
-            replay_prompt_ids, forced = replay_token_ids(args.replay, args.mode, set_name, pid)
-            if replay_prompt_ids != prompt_ids:
-                raise SystemExit(f"--replay: prompt {set_name}/{pid} tokenizes differently from the replayed run")
-        prompt_pass, steps, response_ids, stopped = capture_prompt(
-            model, recorder, prompt_ids, eos_ids, args.max_new_tokens, forced
-        )
-        files = []
-        if args.mode == "residual":
-            art = residual_artifact(tok, text, prompt_ids, response_ids, prompt_pass, steps, num_layers, hidden)
-            path = out_dir / f"{pid}.pt"
-            torch.save(art, path)
-            files.append(path)
-        else:
-            for l in layers:
-                art = internals_artifact(tok, text, prompt_ids, response_ids, prompt_pass, steps, l, hidden)
-                path = out_dir / f"{pid}_L{l}.pt"
+    runs = {}
+    for set_name, prompts in prompt_sets:
+        out_dir = args.out / "inference" / "raw" / args.mode / set_name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        summary = []
+        for prompt in prompts:
+            pid, text = str(prompt["id"]), prompt["text"]
+            prompt_ids = [bos] + list(tok(text, add_special_tokens=False).input_ids)
+            forced = None
+            if args.replay is not None:
+                replay_prompt_ids, forced = replay_token_ids(args.replay, args.mode, set_name, pid)
+                if replay_prompt_ids != prompt_ids:
+                    raise SystemExit(f"--replay: prompt {set_name}/{pid} tokenizes differently from the replayed run")
+            prompt_pass, steps, response_ids, stopped = capture_prompt(
+                model, recorder, prompt_ids, eos_ids, args.max_new_tokens, forced
+            )
+            files = []
+            if args.mode == "residual":
+                art = residual_artifact(tok, text, prompt_ids, response_ids, prompt_pass, steps, num_layers, hidden)
+                path = out_dir / f"{pid}.pt"
                 torch.save(art, path)
                 files.append(path)
-        line = f"{set_name}/{pid}: {len(prompt_ids)} prompt tokens, {len(response_ids)} response tokens"
-        if stopped:
-            line += " (ends with an eos token)"
-        if args.self_check:
-            worst = self_check(model, prompt_ids, response_ids, prompt_pass, steps, layers)
-            line += f", self-check ok (worst relative diff {worst:.1e})"
-        print(line, flush=True)
-        summary.append({
-            "id": prompt["id"],
-            "prompt_tokens": len(prompt_ids),
-            "prompt_token_ids": prompt_ids,
-            "response_token_ids": response_ids,
-            "response_text": tok.decode(response_ids, skip_special_tokens=True),
-            "ends_with_eos": stopped,
-            "files": [str(p.relative_to(args.out)) for p in files],
-        })
+            else:
+                for l in layers:
+                    art = internals_artifact(tok, text, prompt_ids, response_ids, prompt_pass, steps, l, hidden)
+                    path = out_dir / f"{pid}_L{l}.pt"
+                    torch.save(art, path)
+                    files.append(path)
+            line = f"{set_name}/{pid}: {len(prompt_ids)} prompt tokens, {len(response_ids)} response tokens"
+            if stopped:
+                line += " (ends with an eos token)"
+            if args.self_check:
+                worst = self_check(model, prompt_ids, response_ids, prompt_pass, steps, layers)
+                line += f", self-check ok (worst relative diff {worst:.1e})"
+            print(line, flush=True)
+            summary.append({
+                "id": prompt["id"],
+                "prompt_tokens": len(prompt_ids),
+                "prompt_token_ids": prompt_ids,
+                "response_token_ids": response_ids,
+                "response_text": tok.decode(response_ids, skip_special_tokens=True),
+                "ends_with_eos": stopped,
+                "files": [str(p.relative_to(args.out)) for p in files],
+            })
+        runs[set_name] = summary
     recorder.close()
 
     # reference.json accumulates one entry per mode and prompt set.
@@ -535,17 +548,18 @@ def main(argv: list[str] | None = None) -> int:
     ref = json.loads(ref_path.read_text()) if ref_path.is_file() else {"runs": {}}
     ref["tool"] = "scripts/reference_capture.py"
     ref["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
-    ref["runs"][f"{args.mode}/{set_name}"] = {
-        "model": str(args.model),
-        "mode": args.mode,
-        "prompt_set": set_name,
-        "layers": layers,
-        "max_new_tokens": args.max_new_tokens,
-        "replay": str(args.replay) if args.replay is not None else None,
-        "eos_token_ids": sorted(eos_ids),
-        "dtype": "f32",
-        "prompts": summary,
-    }
+    for set_name, summary in runs.items():
+        ref["runs"][f"{args.mode}/{set_name}"] = {
+            "model": str(args.model),
+            "mode": args.mode,
+            "prompt_set": set_name,
+            "layers": layers,
+            "max_new_tokens": args.max_new_tokens,
+            "replay": str(args.replay) if args.replay is not None else None,
+            "eos_token_ids": sorted(eos_ids),
+            "dtype": "f32",
+            "prompts": summary,
+        }
     text = json.dumps(ref, indent=2, ensure_ascii=False)
     # Keep token id lists on one line each.
     text = re.sub(r"\[\s*(-?\d+(?:,\s*-?\d+)*)\s*\]", lambda m: "[" + re.sub(r",\s*", ", ", m.group(1)) + "]", text)

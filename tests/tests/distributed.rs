@@ -174,7 +174,7 @@ fn a_killed_worker_loses_its_job_to_another_and_nothing_is_lost_or_doubled() {
     });
     let victim_id = "0190f5c2-7a3e-7b1c-9d2a-3c4b5d6e7f80";
     let victim = cluster.start_worker(&["--worker-id", victim_id]);
-    let decoding = ["--max-new-tokens", "300"];
+    let decoding = ["--max-new-tokens", "150"];
     let run_id = cluster.submit(
         &[
             &[

@@ -19,22 +19,36 @@ const SETS: [&str; 6] = [
     "real_world",
 ];
 
-/// Captures `set` in residual mode and in internals mode of `layers`, with
-/// transformers into `reference` and with our worker into `ours`.
+/// Captures `sets` in residual mode and in internals mode of `layers`, with
+/// transformers into `reference` (one process per mode for all the sets)
+/// and with our worker into `ours`.
 fn capture_both_modes(
     model: &Path,
-    set: &str,
+    sets: &[&str],
     max_new_tokens: &str,
     layers: &str,
     reference: &Path,
     ours: &Path,
 ) {
-    let common = ["--prompt-set", set, "--max-new-tokens", max_new_tokens];
-    let residual = [&common[..], &["--mode", "residual"]].concat();
-    let internals = [&common[..], &["--mode", "internals", "--layers", layers]].concat();
-    for args in [residual, internals] {
-        reference_capture(model, reference, &args);
-        rust_capture(model, ours, &args);
+    let modes = [
+        vec!["--mode", "residual"],
+        vec!["--mode", "internals", "--layers", layers],
+    ];
+    let common = ["--max-new-tokens", max_new_tokens];
+    let all_sets = sets.join(",");
+    for mode in modes {
+        reference_capture(
+            model,
+            reference,
+            &[&common[..], &["--prompt-set", &all_sets], &mode].concat(),
+        );
+        for set in sets {
+            rust_capture(
+                model,
+                ours,
+                &[&common[..], &["--prompt-set", set], &mode].concat(),
+            );
+        }
     }
 }
 
@@ -43,10 +57,8 @@ fn all_prompt_sets_match_transformers_in_both_modes() {
     let model = tiny_model();
     let reference = tempfile::tempdir().unwrap();
     let ours = tempfile::tempdir().unwrap();
-    for set in SETS {
-        // 30 steps: long enough for the prompts that reach an end token
-        capture_both_modes(&model, set, "30", "all", reference.path(), ours.path());
-    }
+    // 30 steps: long enough for the prompts that reach an end token
+    capture_both_modes(&model, &SETS, "30", "all", reference.path(), ours.path());
     let report = compare_captures(
         reference.path(),
         ours.path(),
@@ -132,11 +144,10 @@ fn a_checkpoint_stored_in_bf16_matches_transformers_in_f32() {
     let model = tiny_model_in_bf16();
     let reference = tempfile::tempdir().unwrap();
     let ours = tempfile::tempdir().unwrap();
-    let (set, steps) = ("adversarial", "12");
     capture_both_modes(
         model.path(),
-        set,
-        steps,
+        &["adversarial"],
+        "12",
         "0,3",
         reference.path(),
         ours.path(),

@@ -51,7 +51,7 @@ fn the_run_survives_coordinator_and_postgres_restarts() {
         "--shard-size",
         "2",
         "--max-new-tokens",
-        "250",
+        "120",
         "--experiment",
         "restarts",
     ]);
