@@ -26,16 +26,11 @@ impl TestDatabase {
         Self { admin, name }
     }
 
-    /// How to connect to the database.
-    pub(crate) fn connect_options(&self) -> PgConnectOptions {
-        self.admin.clone().database(&self.name)
-    }
-
     /// A pool of `connections` on the database.
     pub(crate) async fn pool(&self, connections: u32) -> PgPool {
         PgPoolOptions::new()
             .max_connections(connections)
-            .connect_with(self.connect_options())
+            .connect_with(self.admin.clone().database(&self.name))
             .await
             .expect("connect to the test database")
     }

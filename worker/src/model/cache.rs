@@ -304,15 +304,21 @@ impl KvCache {
             return Ok(());
         }
         let columns = keep.iter().map(|&i| self.columns[i].clone()).collect();
-        for layer in self.layers.iter_mut().flatten() {
-            let index = Tensor::new(
-                keep.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                layer.k.device(),
-            )?;
-            *layer = LayerKv {
-                k: layer.k.index_select(&index, 0)?,
-                v: layer.v.index_select(&index, 0)?,
-            };
+        // One index on the cache's device for every layer.
+        let device = self
+            .layers
+            .iter()
+            .flatten()
+            .next()
+            .map(|l| l.k.device().clone());
+        if let Some(device) = device {
+            let index = Tensor::new(keep.iter().map(|&i| i as u32).collect::<Vec<_>>(), &device)?;
+            for layer in self.layers.iter_mut().flatten() {
+                *layer = LayerKv {
+                    k: layer.k.index_select(&index, 0)?,
+                    v: layer.v.index_select(&index, 0)?,
+                };
+            }
         }
         self.columns = columns;
         Ok(())

@@ -282,12 +282,10 @@ impl Attention {
         let qkv = qkv.reshape((b, t, heads + 2 * kv_heads, self.head_dim))?;
         let q = qkv.narrow(2, 0, heads)?.transpose(1, 2)?;
         let k = qkv.narrow(2, heads, kv_heads)?.transpose(1, 2)?;
-        let v = qkv
-            .narrow(2, heads + kv_heads, kv_heads)?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let v = qkv.narrow(2, heads + kv_heads, kv_heads)?.transpose(1, 2)?;
         let q = pass.rotary.apply(&q)?;
         let k = pass.rotary.apply(&k)?;
+        // (The cache makes v contiguous as it stores it.)
         let (k, v) = cache.append(layer, k, v)?;
         let context = k.dim(2)?;
 
