@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: &[&str] = &["rms_norm", "attention_softmax"];
+const KERNELS: &[&str] = &["rms_norm", "attention_softmax", "rotary", "gelu_mul"];
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");

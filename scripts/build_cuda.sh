@@ -14,6 +14,9 @@
 # driver is found at run time. Kernels are built for compute capability 9.0
 # (H100, H200); set CUDA_COMPUTE_CAP for another card.
 #
+# Before building, the elementwise kernels run on the CPU against their
+# references (kernels/tests/host_emulation.cu); a mismatch stops the build.
+#
 # Outputs (stripped and xz-compressed, about 10 MB each, to travel to the
 # GPU machine; see scripts/gpu_check.sh):
 #   .gpu/worker.xz        the release `worker` binary
@@ -37,6 +40,14 @@ if [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
         nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35
 fi
 nvcc --version | tail -1
+
+# The elementwise kernels' bodies (rotary, GELU times up) run here, on the
+# CPU, against references written apart from them: their indexing and
+# arithmetic checked before any GPU sees them.
+mkdir -p "$CARGO_TARGET_DIR"
+nvcc -DCAPTURE_HOST_EMULATION -L"$CUDA_HOME/lib" -o "$CARGO_TARGET_DIR/host_emulation" \
+    kernels/tests/host_emulation.cu
+"$CARGO_TARGET_DIR/host_emulation"
 
 # Unversioned names for the linker.
 for lib in cudart cublas cublasLt nvrtc; do

@@ -1,23 +1,42 @@
 // Helpers shared by the worker's kernels: conversions between a storage
-// dtype and the f32 arithmetic, and block-wide reductions.
+// dtype and the f32 arithmetic, and block-wide reductions. The conversions
+// and `mul_rn` also compile for the host, where `kernels/tests/host_emulation.cu`
+// runs the elementwise kernels' bodies without a GPU.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
 #include <stdint.h>
 
-__device__ __forceinline__ float widen(float x) { return x; }
-__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
+#define HOST_DEVICE __host__ __device__ __forceinline__
+
+HOST_DEVICE float widen(float x) { return x; }
+HOST_DEVICE float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
+HOST_DEVICE float widen(__half x) { return __half2float(x); }
 
 // Round to nearest even, as candle's casts do.
-template <typename T> __device__ __forceinline__ T narrow_to(float x);
-template <> __device__ __forceinline__ float narrow_to<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 narrow_to<__nv_bfloat16>(float x) {
+template <typename T> HOST_DEVICE T narrow_to(float x);
+template <> HOST_DEVICE float narrow_to<float>(float x) { return x; }
+template <> HOST_DEVICE __nv_bfloat16 narrow_to<__nv_bfloat16>(float x) {
     return __float2bfloat16(x);
 }
-template <> __device__ __forceinline__ __half narrow_to<__half>(float x) {
-    return __float2half(x);
+template <> HOST_DEVICE __half narrow_to<__half>(float x) { return __float2half(x); }
+
+// A product rounded on its own: never contracted with a following addition
+// into a fused multiply-add (which nvcc does by default), so that
+// `T(T(a b) - T(c d))` is the two rounded products that candle's and
+// transformers' separate operations subtract.
+HOST_DEVICE float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fmul_rn(a, b);
+#else
+    return a * b;
+#endif
+}
+
+// The index of this thread in a one-dimensional launch.
+__device__ __forceinline__ size_t global_index() {
+    return (size_t)blockIdx.x * blockDim.x + threadIdx.x;
 }
 
 struct Sum {

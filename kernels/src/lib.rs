@@ -4,19 +4,30 @@
 //! docs/benchmarks.md):
 //!
 //! - [`rms_norm`]: Gemma-2's RMS norm in f32 arithmetic for any float
-//!   input, optionally followed by the residual addition (`rms_norm.cu`);
+//!   input, optionally followed by the residual addition, and
+//!   [`rms_norm_add_norm`]: two norms with the addition between them
+//!   (`rms_norm.cu`);
 //! - [`attention_softmax`]: the scaling, soft-capping, masking and softmax
-//!   of attention scores (`attention_softmax.cu`).
+//!   of attention scores (`attention_softmax.cu`);
+//! - [`rotary_queries`], [`rotary_keys_values`]: the rotary embedding read
+//!   straight from the stacked q/k/v projection, the keys (with the values)
+//!   written into the KV cache in place (`rotary.cu`);
+//! - [`gelu_mul`]: the MLP's `gelu(gate) * up` (`gelu_mul.cu`).
 //!
 //! Each function checks its inputs' shapes and contiguity against what its
 //! kernel reads and writes, so it is safe to call. The CPU references, and
 //! the candle operations they replace, are in the worker (`model::norm`,
-//! `model::attention_softmax`); `capture::gpu_tests` compares the two on a
-//! GPU. Without the `cuda` feature this crate is empty (the kernels are
-//! compiled to PTX by `build.rs`, which needs nvcc).
+//! `model::attention_softmax`, `model::rotary`, `model::gelu_mul`);
+//! `capture::gpu_tests` compares the two on a GPU, and
+//! `tests/host_emulation.cu` runs the elementwise kernels' bodies on the host
+//! (`scripts/build_cuda.sh`). Without the `cuda` feature this crate is empty
+//! (the kernels are compiled to PTX by `build.rs`, which needs nvcc).
 
 #[cfg(feature = "cuda")]
 mod launch;
 
 #[cfg(feature = "cuda")]
-pub use launch::{attention_softmax, rms_norm};
+pub use launch::{
+    QkvHeads, attention_softmax, gelu_mul, rms_norm, rms_norm_add_norm, rotary_keys_values,
+    rotary_queries,
+};

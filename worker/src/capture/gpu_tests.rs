@@ -9,6 +9,7 @@ use super::batch_tests::{batched_equals_one_at_a_time, everything, tiny_on};
 use super::decode::Sampling;
 use super::engine::{ResponsePlan, capture_prompt};
 use super::trace::{PromptTrace, Rows};
+use crate::model::{CaptureRequest, LayerWants};
 use crate::run::free_device_memory;
 
 fn cuda() -> Device {
@@ -69,8 +70,19 @@ fn worst_error(gpu: &PromptTrace, cpu: &PromptTrace) -> (f64, String) {
 }
 
 /// Teacher-forced capture of one prompt on the GPU in `dtype` and on the
-/// CPU in f32: the same tokens, every tensor within `tolerance`.
+/// CPU in f32: the same tokens, every tensor of every layer within
+/// `tolerance`.
 fn gpu_matches_cpu(dtype: DType, tolerance: f64) {
+    let layers = tiny_on(&Device::Cpu, DType::F32)
+        .1
+        .config()
+        .num_hidden_layers;
+    gpu_matches_cpu_for(&everything(layers), dtype, tolerance);
+}
+
+/// [`gpu_matches_cpu`] for what `request` records (residual only: the
+/// MLP's fused GELU-times-up runs, which recording the activations skips).
+fn gpu_matches_cpu_for(request: &CaptureRequest, dtype: DType, tolerance: f64) {
     let (meta, cpu_model) = tiny_on(&Device::Cpu, DType::F32);
     let (_, gpu_model) = tiny_on(&cuda(), dtype);
     let prompt = meta
@@ -78,13 +90,17 @@ fn gpu_matches_cpu(dtype: DType, tolerance: f64) {
         .encode_prompt("Write a careful answer about the history of bridges and tunnels, please.")
         .unwrap();
     let response = [3u32, 30, 300, 12, 44, 9, 700, 5];
-    let request = everything(cpu_model.config().num_hidden_layers);
     let plan = ResponsePlan::Replay(&response);
-    let cpu = capture_prompt(&cpu_model, &prompt, &request, plan, &mut || {}).unwrap();
-    let gpu = capture_prompt(&gpu_model, &prompt, &request, plan, &mut || {}).unwrap();
+    let cpu = capture_prompt(&cpu_model, &prompt, request, plan, &mut || {}).unwrap();
+    let gpu = capture_prompt(&gpu_model, &prompt, request, plan, &mut || {}).unwrap();
     let (error, at) = worst_error(&gpu, &cpu);
+    let what = if request.layers.iter().all(|w| w.projections) {
+        "everything"
+    } else {
+        "some"
+    };
     eprintln!(
-        "cuda {dtype:?} vs cpu f32: worst norm-relative error {error:.2e} ({at}), tolerance {tolerance:.0e}"
+        "cuda {dtype:?} vs cpu f32, {what} recorded: worst norm-relative error {error:.2e} ({at}), tolerance {tolerance:.0e}"
     );
     assert!(error < tolerance, "{at}: {error} >= {tolerance}");
 }
@@ -99,6 +115,23 @@ fn cuda_bf16_capture_matches_the_cpu_within_bf16_tolerance() {
     // bf16 keeps 8 significant bits (relative step 2^-8 = 3.9e-3); errors
     // compound over layers, so allow a few steps.
     gpu_matches_cpu(DType::BF16, 3e-2);
+}
+
+#[test]
+fn cuda_residual_capture_matches_the_cpu_with_the_fused_mlp() {
+    let layers = tiny_on(&Device::Cpu, DType::F32)
+        .1
+        .config()
+        .num_hidden_layers;
+    let residual = LayerWants {
+        residual: true,
+        ..LayerWants::default()
+    };
+    let request = CaptureRequest {
+        layers: vec![residual; layers],
+    };
+    gpu_matches_cpu_for(&request, DType::F32, 1e-4);
+    gpu_matches_cpu_for(&request, DType::BF16, 3e-2);
 }
 
 #[test]
@@ -149,7 +182,7 @@ fn host_values(t: candle_core::Tensor) -> Vec<f32> {
 
 #[test]
 fn cuda_fused_norms_match_the_cpu() {
-    use crate::model::norm::RmsNorm;
+    use crate::model::norm::{NormPair, RmsNorm};
     use candle_core::Tensor;
     let gpu = cuda();
     // Rows narrower than a warp, a block of rows and gemma-2-2b's width.
@@ -170,6 +203,11 @@ fn cuda_fused_norms_match_the_cpu() {
             RmsNorm::new(&(weight.clone() * 0.1).unwrap(), 1e-6).unwrap(),
             RmsNorm::new(&(weight.to_device(&gpu).unwrap() * 0.1).unwrap(), 1e-6).unwrap(),
         );
+        // A second norm for the pairs (`NormPair`: norm, add, norm).
+        let (cpu_norm_2, gpu_norm_2) = (
+            RmsNorm::new(&(weight.clone() * -0.2).unwrap(), 1e-5).unwrap(),
+            RmsNorm::new(&(weight.to_device(&gpu).unwrap() * -0.2).unwrap(), 1e-5).unwrap(),
+        );
         let x = Tensor::from_vec(values(n, seed), shape.as_slice(), &Device::Cpu).unwrap();
         let r = Tensor::from_vec(values(n, seed + 9), shape.as_slice(), &Device::Cpu).unwrap();
         for (dtype, tolerance) in [(DType::F32, 1e-6), (DType::BF16, 8e-3), (DType::F16, 1e-3)] {
@@ -183,9 +221,22 @@ fn cuda_fused_norms_match_the_cpu() {
                 &host_values(gpu_norm.forward_add(&gx, &gr).unwrap()),
                 &host_values(cpu_norm.forward_add(&x, &r).unwrap()),
             );
-            eprintln!("fused norm {dtype:?} {shape:?}: {plain:.2e}, with the residual {added:.2e}");
+            let pair = |first: &RmsNorm, second: &RmsNorm, x: &Tensor, r: &Tensor| {
+                let (sum, normed) = NormPair::new(first, second)
+                    .unwrap()
+                    .forward(x, r, false)
+                    .unwrap();
+                [host_values(sum), host_values(normed)].concat()
+            };
+            let paired = norm_error(
+                &pair(&gpu_norm, &gpu_norm_2, &gx, &gr),
+                &pair(&cpu_norm, &cpu_norm_2, &x, &r),
+            );
+            eprintln!(
+                "fused norm {dtype:?} {shape:?}: {plain:.2e}, with the residual {added:.2e}, paired {paired:.2e}"
+            );
             assert!(
-                plain < tolerance && added < tolerance,
+                plain < tolerance && added < tolerance && paired < tolerance,
                 "{dtype:?} {shape:?}"
             );
         }
@@ -251,6 +302,98 @@ fn cuda_fused_attention_softmax_matches_the_cpu() {
                     );
                 }
             }
+        }
+    }
+}
+
+#[test]
+fn cuda_fused_rotary_and_cache_write_match_the_cpu() {
+    use crate::model::rotary::{KeysValues, QkvHeads, Queries};
+    use candle_core::Tensor;
+    let gpu = cuda();
+    let values = |shape: &[usize], seed: u64| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| (((i as u64 + 1) * (seed * 7919 + 13)) % 1000) as f32 / 250.0 - 2.0)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
+    // (b, t, heads, kv_heads, d, table per sequence, capacity, start): a
+    // padded prompt pass, a decode step of a batch at gemma-2-2b's heads,
+    // one sequence with a shared table.
+    for (b, t, heads, kv_heads, d, batched, capacity, start) in [
+        (3, 6, 8, 4, 16, true, 10, 0),
+        (4, 1, 8, 4, 256, true, 40, 33),
+        (1, 5, 4, 2, 8, false, 8, 2),
+    ] {
+        let qkv_heads = QkvHeads { heads, kv_heads };
+        let table_shape = if batched { vec![b, t, d] } else { vec![t, d] };
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let qkv = values(&[b, t, heads + 2 * kv_heads, d], 1)
+                .to_dtype(dtype)
+                .unwrap();
+            let table = values(&table_shape, 2).to_dtype(dtype).unwrap();
+            let buffer = values(&[2, b, kv_heads, capacity, d], 3)
+                .to_dtype(dtype)
+                .unwrap();
+            let (gqkv, gtable) = (qkv.to_device(&gpu).unwrap(), table.to_device(&gpu).unwrap());
+            let gbuffer = buffer.to_device(&gpu).unwrap();
+            let queries = Queries { heads: qkv_heads };
+            let q_error = norm_error(
+                &host_values(gqkv.apply_op2_no_bwd(&gtable, &queries).unwrap()),
+                &host_values(qkv.apply_op2_no_bwd(&table, &queries).unwrap()),
+            );
+            let op = KeysValues {
+                heads: qkv_heads,
+                start,
+            };
+            buffer.inplace_op3(&qkv, &table, &op).unwrap();
+            gbuffer.inplace_op3(&gqkv, &gtable, &op).unwrap();
+            // The whole buffer: the pass's columns and every other one.
+            let (got, want) = (host_values(gbuffer), host_values(buffer));
+            let exact = got == want;
+            let kv_error = norm_error(&got, &want);
+            eprintln!(
+                "fused rotary {dtype:?} b {b} t {t} d {d}: queries {q_error:.2e}, cache {kv_error:.2e} (bit for bit: {exact})"
+            );
+            // Each step is rounded as on the CPU, so this is expected to be
+            // exact; the tolerance only absorbs a library's rounding mode.
+            assert!(q_error < 1e-6 && kv_error < 1e-6, "{dtype:?} {b} {t} {d}");
+        }
+    }
+}
+
+#[test]
+fn cuda_fused_gelu_mul_matches_the_cpu() {
+    use crate::model::gelu_mul::GeluMul;
+    use candle_core::Tensor;
+    let gpu = cuda();
+    for (shape, seed) in [
+        (vec![1, 1, 2 * 9216], 1u64),
+        (vec![3, 7, 2 * 64], 2),
+        (vec![5, 2 * 7], 3),
+    ] {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| (((i as u64 + 1) * (seed * 7919 + 13)) % 1000) as f32 / 125.0 - 4.0)
+            .collect();
+        let gate_up = Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).unwrap();
+        // f32: the same formula, tanh from another library; bf16 and f16:
+        // the GPU rounds the GELU once where candle's CPU GELU rounds every
+        // step, a few units of the last place.
+        for (dtype, tolerance) in [(DType::F32, 1e-6), (DType::BF16, 1e-2), (DType::F16, 2e-3)] {
+            let x = gate_up.to_dtype(dtype).unwrap();
+            let error = norm_error(
+                &host_values(
+                    x.to_device(&gpu)
+                        .unwrap()
+                        .apply_op1_no_bwd(&GeluMul)
+                        .unwrap(),
+                ),
+                &host_values(x.apply_op1_no_bwd(&GeluMul).unwrap()),
+            );
+            eprintln!("fused gelu-mul {dtype:?} {shape:?}: {error:.2e}");
+            assert!(error < tolerance, "{dtype:?} {shape:?}");
         }
     }
 }

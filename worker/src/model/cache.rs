@@ -11,23 +11,27 @@
 
 use std::ops::Range;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 
 /// Keys and values of every layer for the columns seen so far, and the
 /// position held by each column of each sequence.
 ///
-/// Each layer's keys and values live in buffers `[batch, kv_heads,
-/// capacity, head_dim]` that a pass writes its new columns into, in place:
-/// a decode step copies one column per sequence instead of the whole cache
-/// (which at a batch of 64 and a few hundred columns would move as many
-/// bytes per step as the weights). [`KvCache::reserve`] sizes the buffers
-/// for a whole generation up front; without it, or past it, they grow
-/// geometrically.
+/// Each layer's keys and values live in one buffer `[2, batch, kv_heads,
+/// capacity, head_dim]` (keys at 0, values at 1) that a pass writes its new
+/// columns into, in place: a decode step writes one column per sequence
+/// instead of copying the whole cache (which at a batch of 64 and a few
+/// hundred columns would move as many bytes per step as the weights), and
+/// one kernel can write both keys and values (see [`KvCache::slot`]).
+/// [`KvCache::reserve`] sizes the buffers for a whole generation up front;
+/// without it, or past it, they grow geometrically.
 ///
 /// Not `Clone`: clones would share the buffers that passes write into.
 #[derive(Debug)]
 pub struct KvCache {
-    layers: Vec<Option<LayerKv>>,
+    /// Per layer, the buffer `[2, batch, kv_heads, capacity, head_dim]`
+    /// whose first [`KvCache::len`] columns are written (the rest is zeros
+    /// or stale values that no pass reads).
+    layers: Vec<Option<Tensor>>,
     /// `columns[i][c]`: the position of sequence `i`'s token in column `c`,
     /// `None` for padding.
     columns: Vec<Vec<Option<usize>>>,
@@ -35,38 +39,36 @@ pub struct KvCache {
     reserved: usize,
 }
 
-/// One layer's key and value buffers, `[batch, kv_heads, capacity,
-/// head_dim]`; the cache's first [`KvCache::len`] columns are written (the
-/// rest is zeros or stale values that no pass reads).
+/// Where one pass writes one layer's new keys and values (see
+/// [`KvCache::slot`]).
 #[derive(Debug)]
-struct LayerKv {
-    k: Tensor,
-    v: Tensor,
+pub struct KvSlot {
+    /// The layer's buffer, `[2, batch, kv_heads, capacity, head_dim]`.
+    pub buffer: Tensor,
+    /// The pass's first column.
+    pub start: usize,
+    /// One past the pass's last column.
+    pub end: usize,
 }
 
-impl LayerKv {
-    /// Zeroed buffers of `capacity` columns, otherwise shaped like `k` and
-    /// `v`.
-    fn zeros(k: &Tensor, v: &Tensor, capacity: usize) -> candle_core::Result<Self> {
-        let buffer = |like: &Tensor| -> candle_core::Result<Tensor> {
-            let (b, heads, _, head_dim) = like.dims4()?;
-            Tensor::zeros((b, heads, capacity, head_dim), like.dtype(), like.device())
-        };
-        Ok(Self {
-            k: buffer(k)?,
-            v: buffer(v)?,
-        })
+impl KvSlot {
+    /// The keys and values of every column up to the pass's last, views of
+    /// the buffer: `[batch, kv_heads, end, head_dim]` each.
+    pub fn cached(&self) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((
+            self.buffer.i(0)?.narrow(2, 0, self.end)?,
+            self.buffer.i(1)?.narrow(2, 0, self.end)?,
+        ))
     }
+}
 
-    fn capacity(&self) -> candle_core::Result<usize> {
-        self.k.dim(2)
-    }
-
-    /// Writes `k` and `v` into the buffers from column `start` on.
-    fn write(&self, k: &Tensor, v: &Tensor, start: usize) -> candle_core::Result<()> {
-        self.k.slice_set(k, 2, start)?;
-        self.v.slice_set(v, 2, start)
-    }
+/// The shape of one layer's keys (or values) at one column: what a
+/// buffer is allocated for.
+#[derive(Debug, Clone, Copy)]
+pub struct KvShape {
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub dtype: DType,
 }
 
 /// The layout of one pass: `t` new columns per sequence.
@@ -111,12 +113,12 @@ impl KvCache {
         self.reserved = self.reserved.max(columns);
     }
 
-    /// Columns each layer's buffers hold (0 before the first pass).
+    /// Columns each layer's buffer holds (0 before the first pass).
     pub fn capacity(&self) -> usize {
         self.layers
             .iter()
             .flatten()
-            .find_map(|layer| layer.capacity().ok())
+            .find_map(|layer| layer.dim(3).ok())
             .unwrap_or(0)
     }
 
@@ -242,45 +244,64 @@ impl KvCache {
         Ok(Some(Tensor::new(ids, device)?))
     }
 
-    /// Appends `k`, `v` (`[batch, kv_heads, t, head_dim]`, contiguous) of
-    /// `layer` and returns the full cached keys and values, views of the
-    /// layer's buffers: `[batch, kv_heads, len + t, head_dim]`.
-    pub(super) fn append(
+    /// The buffer that `layer`'s keys and values of a pass over `t` new
+    /// columns go into, holding at least the cached columns and the pass's:
+    /// allocated (zeroed) at the layer's first pass for the reservation, or
+    /// grown to twice its capacity (copying what it holds) when the pass
+    /// would not fit. The caller writes the pass's keys and values at
+    /// columns `start..end` of every sequence, as [`KvCache::append`] does.
+    pub(super) fn slot(
         &mut self,
         layer: usize,
-        k: Tensor,
-        v: Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        t: usize,
+        shape: KvShape,
+        device: &Device,
+    ) -> candle_core::Result<KvSlot> {
         // Every layer appends at the same columns: the pass is committed
         // once all have.
         let start = self.len();
-        let end = start + k.dim(2)?;
-        let buffers = match self.layers[layer].take() {
-            // Nothing reserved beyond this pass: the new columns are the
-            // buffers (never written into: the next pass grows them).
-            None if end >= self.reserved => LayerKv { k, v },
-            None => {
-                let buffers = LayerKv::zeros(&k, &v, self.reserved)?;
-                buffers.write(&k, &v, 0)?;
-                buffers
-            }
+        let end = start + t;
+        let batch = self.batch();
+        let zeros = |capacity: usize| {
+            let dims = (2, batch, shape.kv_heads, capacity, shape.head_dim);
+            Tensor::zeros(dims, shape.dtype, device)
+        };
+        let buffer = match self.layers[layer].take() {
+            None => zeros(end.max(self.reserved))?,
             Some(old) => {
-                let capacity = old.capacity()?;
-                let buffers = if end > capacity {
-                    let grown = LayerKv::zeros(&old.k, &old.v, end.max(2 * capacity))?;
-                    grown.write(&old.k, &old.v, 0)?;
+                let capacity = old.dim(3)?;
+                if end > capacity {
+                    let grown = zeros(end.max(2 * capacity))?;
+                    grown.slice_set(&old, 3, 0)?;
                     grown
                 } else {
                     old
-                };
-                buffers.write(&k, &v, start)?;
-                buffers
+                }
             }
         };
-        let cached = (buffers.k.narrow(2, 0, end)?, buffers.v.narrow(2, 0, end)?);
-        self.layers[layer] = Some(buffers);
-        Ok(cached)
+        self.layers[layer] = Some(buffer.clone());
+        Ok(KvSlot { buffer, start, end })
+    }
+
+    /// Appends `k`, `v` (`[batch, kv_heads, t, head_dim]`) of `layer` and
+    /// returns the full cached keys and values, views of the layer's buffer:
+    /// `[batch, kv_heads, len + t, head_dim]`.
+    pub(super) fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (_, kv_heads, t, head_dim) = k.dims4()?;
+        let shape = KvShape {
+            kv_heads,
+            head_dim,
+            dtype: k.dtype(),
+        };
+        let slot = self.slot(layer, t, shape, k.device())?;
+        slot.buffer
+            .slice_set(&Tensor::stack(&[k, v], 0)?, 3, slot.start)?;
+        slot.cached()
     }
 
     /// Records the pass's columns once every layer has appended its keys.
@@ -310,14 +331,11 @@ impl KvCache {
             .iter()
             .flatten()
             .next()
-            .map(|l| l.k.device().clone());
+            .map(|l| l.device().clone());
         if let Some(device) = device {
             let index = Tensor::new(keep.iter().map(|&i| i as u32).collect::<Vec<_>>(), &device)?;
             for layer in self.layers.iter_mut().flatten() {
-                *layer = LayerKv {
-                    k: layer.k.index_select(&index, 0)?,
-                    v: layer.v.index_select(&index, 0)?,
-                };
+                *layer = layer.index_select(&index, 1)?;
             }
         }
         self.columns = columns;
@@ -457,7 +475,7 @@ mod tests {
             numbered(cache.batch(), t, -first),
         );
         let pass = cache.layout(&vec![t; cache.batch()]).unwrap();
-        let (ck, cv) = cache.append(0, k.clone(), v.clone()).unwrap();
+        let (ck, cv) = cache.append(0, &k, &v).unwrap();
         cache.commit(pass);
         let want = match everything.take() {
             None => (k, v),
@@ -483,13 +501,13 @@ mod tests {
         let mut everything = None;
         append_pass(&mut cache, 3, &mut everything);
         assert_eq!(cache.capacity(), 5);
-        let buffer = cache.layers[0].as_ref().unwrap().k.id();
+        let buffer = cache.layers[0].as_ref().unwrap().id();
         for _ in 0..2 {
             append_pass(&mut cache, 1, &mut everything);
         }
         // two decode steps written into the buffer the prompt pass allocated
         assert_eq!(cache.capacity(), 5);
-        assert_eq!(cache.layers[0].as_ref().unwrap().k.id(), buffer);
+        assert_eq!(cache.layers[0].as_ref().unwrap().id(), buffer);
         // past the reservation the buffers double, keeping what they hold
         append_pass(&mut cache, 1, &mut everything);
         assert_eq!(cache.capacity(), 10);
@@ -509,7 +527,7 @@ mod tests {
     }
 
     #[test]
-    fn without_a_reservation_the_first_pass_is_the_buffer() {
+    fn without_a_reservation_the_buffer_holds_the_first_pass() {
         let mut cache = KvCache::new(1, 1);
         let mut everything = None;
         append_pass(&mut cache, 4, &mut everything);

@@ -1,5 +1,6 @@
 //! What the worker's fused operations ([`super::norm`],
-//! [`super::attention_softmax`]) share: the switch back to candle's separate
+//! [`super::attention_softmax`], [`super::rotary`], [`super::gelu_mul`])
+//! share: the switch back to candle's separate
 //! operations and contiguous input slices. Their CUDA kernels are in the
 //! `capture-kernels` crate, the one crate of the workspace that may use
 //! `unsafe` (a kernel launch is an FFI call).
@@ -34,7 +35,7 @@ pub fn contiguous<'a, T>(
 }
 
 /// Rows above which the CPU implementations work on rows in parallel.
-const PARALLEL_ROWS: usize = 32;
+pub const PARALLEL_ROWS: usize = 32;
 
 /// `row(i, input row i, output row i)` for every row of `width` elements,
 /// in parallel when there are many rows (as candle's CPU operations do).
@@ -44,21 +45,63 @@ pub fn for_each_row<A: Sync, B: Send>(
     width: usize,
     row: impl Fn(usize, &[A], &mut [B]) + Sync + Send,
 ) {
-    if width == 0 {
+    for_each_row_of(input, width, output, width, row);
+}
+
+/// [`for_each_row`] with input rows of `in_width` and output rows of
+/// `out_width` elements.
+pub fn for_each_row_of<A: Sync, B: Send>(
+    input: &[A],
+    in_width: usize,
+    output: &mut [B],
+    out_width: usize,
+    row: impl Fn(usize, &[A], &mut [B]) + Sync + Send,
+) {
+    if in_width == 0 || out_width == 0 {
         return;
     }
     let row = |(i, (a, b)): (usize, (&[A], &mut [B]))| row(i, a, b);
-    if input.len() / width <= PARALLEL_ROWS {
+    if input.len() / in_width <= PARALLEL_ROWS {
         input
-            .chunks(width)
-            .zip(output.chunks_mut(width))
+            .chunks(in_width)
+            .zip(output.chunks_mut(out_width))
             .enumerate()
             .for_each(row);
     } else {
         input
-            .par_chunks(width)
-            .zip(output.par_chunks_mut(width))
+            .par_chunks(in_width)
+            .zip(output.par_chunks_mut(out_width))
             .enumerate()
             .for_each(row);
+    }
+}
+
+#[cfg(test)]
+pub mod tests {
+    use candle_core::{DType, Tensor};
+
+    use crate::model::matvec::tests::random as random_rows;
+
+    /// Deterministic values in `[-scale, scale)` shaped `shape` (see
+    /// `matvec::tests::random`).
+    pub fn random(shape: &[usize], seed: u64, scale: f64) -> Tensor {
+        let n = shape.iter().product();
+        (random_rows((n, 1), seed) * scale)
+            .unwrap()
+            .reshape(shape)
+            .unwrap()
+    }
+
+    /// Every element's f32 bits, to compare tensors bit for bit.
+    pub fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
     }
 }

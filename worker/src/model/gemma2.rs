@@ -10,7 +10,9 @@ use candle_nn::Embedding;
 use super::attention_softmax::AttentionSoftmax;
 use super::cache::{KvCache, PassLayout};
 use super::config::{Gemma2Config, LayerKind};
-use super::norm::RmsNorm;
+use super::gelu_mul::{gelu_and_up, gelu_mul};
+use super::norm::{NormPair, RmsNorm};
+use super::rotary::{PassRotary, QkvHeads, Rotary};
 use super::weights::Weights;
 use super::{bf16_weights, matvec};
 
@@ -151,71 +153,6 @@ fn project(w: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// Rotary tables for every position, `[max_positions, head_dim / 2]`.
-#[derive(Debug, Clone)]
-struct Rotary {
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl Rotary {
-    fn new(cfg: &Gemma2Config, dtype: DType, device: &Device) -> candle_core::Result<Self> {
-        let half = cfg.head_dim / 2;
-        // f32 arithmetic, as transformers computes the tables.
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / cfg.head_dim as f32))
-            .collect();
-        let positions = cfg.max_position_embeddings;
-        let mut cos = Vec::with_capacity(positions * half);
-        let mut sin = Vec::with_capacity(positions * half);
-        for p in 0..positions {
-            for f in &inv_freq {
-                let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-        Ok(Self {
-            cos: Tensor::from_vec(cos, (positions, half), device)?.to_dtype(dtype)?,
-            sin: Tensor::from_vec(sin, (positions, half), device)?.to_dtype(dtype)?,
-        })
-    }
-
-    /// The tables of one pass's positions: rows `start..start+t` when
-    /// `positions` is `None`, else `positions` (`[b * t]`, see
-    /// [`KvCache::rotary_positions`]) as `[b, t, head_dim / 2]`. Selected
-    /// once per pass: every layer rotates at the same positions.
-    fn for_pass(
-        &self,
-        b: usize,
-        start: usize,
-        t: usize,
-        positions: Option<&Tensor>,
-    ) -> candle_core::Result<PassRotary> {
-        let (cos, sin) = match positions {
-            None => (self.cos.narrow(0, start, t)?, self.sin.narrow(0, start, t)?),
-            Some(ids) => (
-                self.cos.index_select(ids, 0)?.reshape((b, t, ()))?,
-                self.sin.index_select(ids, 0)?.reshape((b, t, ()))?,
-            ),
-        };
-        Ok(PassRotary { cos, sin })
-    }
-}
-
-/// The rotary tables at one pass's positions (see [`Rotary::for_pass`]).
-struct PassRotary {
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl PassRotary {
-    /// Rotates `xs` (`[b, heads, t, head_dim]`).
-    fn apply(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::rotary_emb::rope(&xs.contiguous()?, &self.cos, &self.sin)
-    }
-}
-
 #[derive(Debug, Clone)]
 struct Attention {
     /// `q_proj`, `k_proj` and `v_proj` stacked: `[q_dim + 2 kv_dim, hidden]`.
@@ -278,15 +215,12 @@ impl Attention {
             record.k_proj = Some(qkv.narrow(2, q_dim, kv_dim)?);
             record.v_proj = Some(qkv.narrow(2, q_dim + kv_dim, kv_dim)?);
         }
-        // The query heads, then the key heads, then the value heads: views.
+        // The query heads, then the key heads, then the value heads; the
+        // keys and values go into the cache as they are rotated.
         let qkv = qkv.reshape((b, t, heads + 2 * kv_heads, self.head_dim))?;
-        let q = qkv.narrow(2, 0, heads)?.transpose(1, 2)?;
-        let k = qkv.narrow(2, heads, kv_heads)?.transpose(1, 2)?;
-        let v = qkv.narrow(2, heads + kv_heads, kv_heads)?.transpose(1, 2)?;
-        let q = pass.rotary.apply(&q)?;
-        let k = pass.rotary.apply(&k)?;
-        // (The cache makes v contiguous as it stores it.)
-        let (k, v) = cache.append(layer, k, v)?;
+        let qkv_heads = QkvHeads { heads, kv_heads };
+        let q = pass.rotary.queries(&qkv, qkv_heads)?;
+        let (k, v) = pass.rotary.keys_values(&qkv, qkv_heads, cache, layer)?;
         let context = k.dim(2)?;
 
         // Grouped-query attention without copying keys: the query heads that
@@ -327,7 +261,6 @@ struct Mlp {
     /// `gate_proj` and `up_proj` stacked: `[2 intermediate, hidden]`.
     gate_up_proj: Linear,
     down_proj: Linear,
-    intermediate: usize,
 }
 
 impl Mlp {
@@ -343,7 +276,6 @@ impl Mlp {
                 h,
             )?,
             down_proj: Linear::load(w, &format!("{prefix}.down_proj"), h, i)?,
-            intermediate: i,
         })
     }
 
@@ -353,16 +285,15 @@ impl Mlp {
         wants: LayerWants,
         record: &mut LayerRecord,
     ) -> candle_core::Result<Tensor> {
-        let i = self.intermediate;
         let gate_up = self.gate_up_proj.forward(xs)?;
-        let gelu = gate_up.narrow(2, 0, i)?.gelu()?;
-        let up = gate_up.narrow(2, i, i)?;
-        let down = self.down_proj.forward(&(&gelu * &up)?)?;
-        if wants.projections {
-            record.up_proj = Some(up);
-            record.gelu = Some(gelu);
-            record.down_proj = Some(down.clone());
+        if !wants.projections {
+            return self.down_proj.forward(&gelu_mul(&gate_up)?);
         }
+        let (gelu, up) = gelu_and_up(&gate_up)?;
+        let down = self.down_proj.forward(&(&gelu * &up)?)?;
+        record.up_proj = Some(up);
+        record.gelu = Some(gelu);
+        record.down_proj = Some(down.clone());
         Ok(down)
     }
 }
@@ -371,10 +302,15 @@ impl Mlp {
 struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
-    pre_feedforward_layernorm: RmsNorm,
+    /// The post-attention norm, the residual addition and the
+    /// pre-feedforward norm.
+    post_attention_then_pre_feedforward: NormPair,
     mlp: Mlp,
     post_feedforward_layernorm: RmsNorm,
+    /// The post-feedforward norm, the residual addition and the next
+    /// layer's input norm; `None` for the last layer (see
+    /// [`DecoderLayer::chain`]).
+    post_feedforward_then_next: Option<NormPair>,
 }
 
 impl DecoderLayer {
@@ -388,46 +324,90 @@ impl DecoderLayer {
                 cfg.rms_norm_eps,
             )
         };
+        let input_layernorm = norm(w, "input_layernorm")?;
+        let self_attn = Attention::load(w, &format!("{p}.self_attn"), cfg, cfg.layer_kinds[index])?;
+        let post_attention = norm(w, "post_attention_layernorm")?;
+        let pre_feedforward = norm(w, "pre_feedforward_layernorm")?;
         Ok(Self {
-            input_layernorm: norm(w, "input_layernorm")?,
-            self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg, cfg.layer_kinds[index])?,
-            post_attention_layernorm: norm(w, "post_attention_layernorm")?,
-            pre_feedforward_layernorm: norm(w, "pre_feedforward_layernorm")?,
+            input_layernorm,
+            self_attn,
+            post_attention_then_pre_feedforward: NormPair::new(&post_attention, &pre_feedforward)?,
             mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
             post_feedforward_layernorm: norm(w, "post_feedforward_layernorm")?,
+            post_feedforward_then_next: None,
         })
     }
 
+    /// Pairs each layer's last norm with the next layer's first, so that a
+    /// pass normalises the next layer's input as it adds the residual.
+    fn chain(layers: &mut [Self]) -> candle_core::Result<()> {
+        for i in 1..layers.len() {
+            let pair = NormPair::new(
+                &layers[i - 1].post_feedforward_layernorm,
+                &layers[i].input_layernorm,
+            )?;
+            layers[i - 1].post_feedforward_then_next = Some(pair);
+        }
+        Ok(())
+    }
+
+    /// The layer over the residual stream; returns the stream after it.
     fn forward(
         &self,
-        xs: Tensor,
+        stream: Stream,
         pass: &PassContext,
         cache: &mut KvCache,
         layer: usize,
         wants: LayerWants,
         record: &mut LayerRecord,
-    ) -> candle_core::Result<Tensor> {
-        let residual = xs;
-        let xs = self.input_layernorm.forward(&residual)?;
+    ) -> candle_core::Result<Stream> {
+        let Stream { residual, normed } = stream;
+        let xs = match normed {
+            Some(normed) => normed,
+            None => self.input_layernorm.forward(&residual)?,
+        };
         let xs = self
             .self_attn
             .forward(&xs, pass, cache, layer, wants, record)?;
-        let xs = self.post_attention_layernorm.forward_add(&xs, &residual)?;
+        // A paired norm's two outputs share one storage: a residual record
+        // of a pass over many columns (a prompt) would hold twice its size
+        // until the pass ends, so such passes run the norms apart.
+        let apart = wants.residual && xs.dim(1)? > 1;
+        let (after_attn, xs) = self
+            .post_attention_then_pre_feedforward
+            .forward(&xs, &residual, apart)?;
         if wants.residual {
-            record.residual_in = Some(residual.clone());
-            record.after_attn = Some(xs.clone());
+            record.residual_in = Some(residual);
+            record.after_attn = Some(after_attn.clone());
         }
-        let residual = xs;
-        let xs = self.pre_feedforward_layernorm.forward(&residual)?;
         let xs = self.mlp.forward(&xs, wants, record)?;
-        let xs = self
-            .post_feedforward_layernorm
-            .forward_add(&xs, &residual)?;
+        let (out, next) = match &self.post_feedforward_then_next {
+            Some(pair) => {
+                let (out, next) = pair.forward(&xs, &after_attn, apart)?;
+                (out, Some(next))
+            }
+            None => (
+                self.post_feedforward_layernorm
+                    .forward_add(&xs, &after_attn)?,
+                None,
+            ),
+        };
         if wants.residual {
-            record.residual_out = Some(xs.clone());
+            record.residual_out = Some(out.clone());
         }
-        Ok(xs)
+        Ok(Stream {
+            residual: out,
+            normed: next,
+        })
     }
+}
+
+/// The residual stream between two layers (`[b, t, hidden]`), and the
+/// next layer's normalised input when the previous layer computed it with
+/// its last norm (see [`NormPair`]).
+struct Stream {
+    residual: Tensor,
+    normed: Option<Tensor>,
 }
 
 /// A Gemma-2 causal language model with capture hooks.
@@ -456,9 +436,10 @@ impl Gemma2 {
             "model.embed_tokens.weight",
             &[cfg.vocab_size, cfg.hidden_size],
         )?;
-        let layers = (0..cfg.num_hidden_layers)
+        let mut layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(weights, i, cfg))
             .collect::<crate::error::Result<Vec<_>>>()?;
+        DecoderLayer::chain(&mut layers)?;
         Ok(Self {
             embed_tokens: Embedding::new(embedding_weight.clone(), cfg.hidden_size),
             embedding_weight,
@@ -549,14 +530,18 @@ impl Gemma2 {
         };
         // The embedding may be stored in bf16 (see `weights::keeps_bf16`).
         let xs = self.embed_tokens.forward(&ids)?.to_dtype(self.dtype)?;
-        let mut xs = xs.broadcast_mul(&self.normalizer)?;
+        let mut stream = Stream {
+            residual: xs.broadcast_mul(&self.normalizer)?,
+            normed: None,
+        };
         let mut records = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             let wants = request.layers.get(i).copied().unwrap_or_default();
             let mut record = LayerRecord::default();
-            xs = layer.forward(xs, &pass, cache, i, wants, &mut record)?;
+            stream = layer.forward(stream, &pass, cache, i, wants, &mut record)?;
             records.push(record);
         }
+        let xs = stream.residual;
         drop(pass);
         let logits = match head {
             Head::Skip => None,

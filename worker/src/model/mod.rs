@@ -5,9 +5,11 @@ pub mod bf16_weights;
 pub mod cache;
 pub mod config;
 pub mod fused;
+pub mod gelu_mul;
 pub mod gemma2;
 pub mod matvec;
 pub mod norm;
+pub mod rotary;
 pub mod weights;
 
 pub use cache::{KvCache, PassLayout};

@@ -20,10 +20,13 @@
 //! `CAPTURE_UNFUSED=1` selects candle's operations instead (see
 //! [`super::fused`]).
 
-use super::fused::{contiguous, for_each_row, unfused};
+use super::fused::{PARALLEL_ROWS, contiguous, for_each_row, unfused};
 use super::weights::Weights;
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, IndexOp, Layout, Shape, Tensor, WithDType,
+};
+use rayon::prelude::*;
 
 /// `x / sqrt(mean(x^2) + eps) * (1 + w)`, computed in f32, in `x`'s dtype.
 #[derive(Debug, Clone)]
@@ -185,36 +188,194 @@ fn cpu_rows<T: WithDType>(
     };
     let n = w.len();
     let mut out = vec![T::zero(); xs.len()];
-    let widen = |v: T| v.to_f64() as f32;
     for_each_row(xs, &mut out, n, |i, x, out| {
-        // Sequential f32 sum and `x / rms * w`: candle's formula and order.
-        let sum: f32 = x.iter().map(|&v| widen(v) * widen(v)).sum();
-        let rms = (sum / n as f32 + eps).sqrt();
-        let r = residual.map(|r| &r[i * n..(i + 1) * n]);
-        for (j, (o, &v)) in out.iter_mut().zip(x).enumerate() {
-            let y = T::from_f64(f64::from(widen(v) / rms * w[j]));
-            *o = match r {
-                Some(r) => T::from_f64(f64::from(widen(r[j]) + widen(y))),
-                None => y,
-            };
-        }
+        norm_row(x, residual.map(|r| &r[i * n..(i + 1) * n]), w, eps, out);
     });
     Ok(T::to_cpu_storage_owned(out))
+}
+
+fn widen<T: WithDType>(v: T) -> f32 {
+    v.to_f64() as f32
+}
+
+/// One row: `x / rms * w` in f32 (candle's formula and order, the sum
+/// sequential), rounded to T, then `T(residual + y)` when there is one.
+fn norm_row<T: WithDType>(x: &[T], residual: Option<&[T]>, w: &[f32], eps: f32, out: &mut [T]) {
+    let sum: f32 = x.iter().map(|&v| widen(v) * widen(v)).sum();
+    let rms = (sum / x.len() as f32 + eps).sqrt();
+    for (j, (o, &v)) in out.iter_mut().zip(x).enumerate() {
+        let y = T::from_f64(f64::from(widen(v) / rms * w[j]));
+        *o = match residual {
+            Some(r) => T::from_f64(f64::from(widen(r[j]) + widen(y))),
+            None => y,
+        };
+    }
+}
+
+/// Two norms with the residual addition between them, as a decoder layer
+/// runs them twice (its post-attention norm, the addition and its
+/// pre-feedforward norm; its post-feedforward norm, the addition and the
+/// next layer's input norm):
+///
+/// ```text
+/// sum    = first.forward_add(xs, residual)      the residual stream
+/// normed = second.forward(sum)                  the next block's input
+/// ```
+///
+/// One operation (`capture_kernels::rms_norm_add_norm` on a GPU) where two
+/// fused norms are two kernels; on the CPU bit for bit the two (test
+/// `fused_norm_pairs_equal_two_norms_bit_for_bit`). Its output is one
+/// storage holding both, so a tensor kept from it (a residual record)
+/// keeps both alive: a caller recording the residual of a long pass runs
+/// the norms apart (see [`NormPair::forward`]).
+#[derive(Debug, Clone)]
+pub struct NormPair {
+    first: RmsNorm,
+    second: RmsNorm,
+    /// `[2, size]` in f32: `first`'s `1 + weight`, then `second`'s.
+    weights: Tensor,
+}
+
+impl NormPair {
+    pub fn new(first: &RmsNorm, second: &RmsNorm) -> candle_core::Result<Self> {
+        Ok(Self {
+            first: first.clone(),
+            second: second.clone(),
+            weights: Tensor::stack(&[&first.one_plus_weight, &second.one_plus_weight], 0)?,
+        })
+    }
+
+    /// `(sum, normed)` as above; as two operations when `apart` (or with
+    /// `CAPTURE_UNFUSED=1`), else as one whose two outputs are views of one
+    /// storage.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        residual: &Tensor,
+        apart: bool,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        if apart || unfused() {
+            let sum = self.first.forward_add(xs, residual)?;
+            let normed = self.second.forward(&sum)?;
+            return Ok((sum, normed));
+        }
+        let op = Pair {
+            eps: (self.first.eps, self.second.eps),
+        };
+        let both =
+            xs.contiguous()?
+                .apply_op3_no_bwd(&residual.contiguous()?, &self.weights, &op)?;
+        Ok((both.i(0)?, both.i(1)?))
+    }
+}
+
+/// The pair's operation: `(x, residual, weights [2, size])` through
+/// [`CustomOp3`], giving `[2, ...x's shape]`.
+struct Pair {
+    eps: (f32, f32),
+}
+
+/// The operation's name in errors.
+const PAIR_NAME: &str = "rms-norm-add-norm";
+
+impl Pair {
+    /// `x`'s shape with a leading 2, after checking the other inputs.
+    fn shape(&self, x: &Layout, residual: &Layout, w: &Layout) -> candle_core::Result<Shape> {
+        let size = *x.dims().last().unwrap_or(&0);
+        if w.dims() != [2, size] || residual.dims() != x.dims() {
+            candle_core::bail!(
+                "{PAIR_NAME}: weights {:?} and residual {:?} for input {:?}",
+                w.dims(),
+                residual.dims(),
+                x.dims()
+            );
+        }
+        Ok(Shape::from([&[2], x.dims()].concat()))
+    }
+
+    fn cpu<T: WithDType>(
+        &self,
+        x: (&CpuStorage, &Layout),
+        residual: (&CpuStorage, &Layout),
+        w: &[f32],
+    ) -> candle_core::Result<CpuStorage> {
+        let xs = contiguous(x.0.as_slice::<T>()?, x.1, PAIR_NAME)?;
+        let residual = contiguous(residual.0.as_slice::<T>()?, residual.1, PAIR_NAME)?;
+        let n = w.len() / 2;
+        let (w1, w2) = w.split_at(n);
+        let mut out = vec![T::zero(); 2 * xs.len()];
+        if n == 0 {
+            return Ok(T::to_cpu_storage_owned(out));
+        }
+        let (sums, normed) = out.split_at_mut(xs.len());
+        let row = |(i, (sum, normed)): (usize, (&mut [T], &mut [T]))| {
+            let r = &residual[i * n..(i + 1) * n];
+            norm_row(&xs[i * n..(i + 1) * n], Some(r), w1, self.eps.0, sum);
+            norm_row(sum, None, w2, self.eps.1, normed);
+        };
+        if xs.len() / n <= PARALLEL_ROWS {
+            sums.chunks_mut(n)
+                .zip(normed.chunks_mut(n))
+                .enumerate()
+                .for_each(row);
+        } else {
+            sums.par_chunks_mut(n)
+                .zip(normed.par_chunks_mut(n))
+                .enumerate()
+                .for_each(row);
+        }
+        Ok(T::to_cpu_storage_owned(out))
+    }
+}
+
+impl CustomOp3 for Pair {
+    fn name(&self) -> &'static str {
+        "capture-rms-norm-add-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = self.shape(l1, l2, l3)?;
+        let w = contiguous(s3.as_slice::<f32>()?, l3, PAIR_NAME)?;
+        let storage = match (s1.dtype(), s2.dtype()) {
+            (DType::F32, DType::F32) => self.cpu::<f32>((s1, l1), (s2, l2), w)?,
+            (DType::BF16, DType::BF16) => self.cpu::<half::bf16>((s1, l1), (s2, l2), w)?,
+            (DType::F16, DType::F16) => self.cpu::<half::f16>((s1, l1), (s2, l2), w)?,
+            (x, r) => candle_core::bail!("{PAIR_NAME}: input {x:?}, residual {r:?}"),
+        };
+        Ok((storage, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let shape = self.shape(l1, l2, l3)?;
+        let out = capture_kernels::rms_norm_add_norm((s1, l1), (s2, l2), (s3, l3), self.eps)?;
+        Ok((out, shape))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use candle_core::{DType, Tensor};
 
-    use crate::model::matvec::tests::random as random_rows;
+    use crate::model::fused::tests::{bits, random};
 
-    use super::RmsNorm;
-
-    /// Deterministic values in [-1, 1) (see `matvec::tests::random`).
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        let n = shape.iter().product();
-        random_rows((n, 1), seed).reshape(shape).unwrap()
-    }
+    use super::{NormPair, Pair, RmsNorm};
 
     /// What the model computed before the fused operation: a cast to f32,
     /// candle's `rms_norm`, a cast back, then the addition in the dtype.
@@ -233,30 +394,19 @@ mod tests {
         }
     }
 
-    fn bits(t: &Tensor) -> Vec<u32> {
-        t.flatten_all()
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect()
-    }
-
     #[test]
     fn fused_norms_equal_candles_operations_bit_for_bit() {
         // Few rows (sequential) and many (parallel), in every float dtype.
         for (shape, seed) in [(vec![1, 1, 2304], 1), (vec![3, 17, 64], 2), (vec![5, 9], 3)] {
             let size = *shape.last().unwrap();
-            let norm = RmsNorm::new(&(random(&[size], seed + 10) * 0.3).unwrap(), 1e-6).unwrap();
+            let norm =
+                RmsNorm::new(&(random(&[size], seed + 10, 1.0) * 0.3).unwrap(), 1e-6).unwrap();
             for dtype in [DType::F32, DType::BF16, DType::F16] {
-                let x = (random(&shape, seed) * 7.0)
+                let x = (random(&shape, seed, 1.0) * 7.0)
                     .unwrap()
                     .to_dtype(dtype)
                     .unwrap();
-                let r = random(&shape, seed + 20).to_dtype(dtype).unwrap();
+                let r = random(&shape, seed + 20, 1.0).to_dtype(dtype).unwrap();
                 let fused = norm.forward(&x).unwrap();
                 assert_eq!(fused.dtype(), dtype);
                 assert_eq!(fused.dims(), x.dims());
@@ -277,10 +427,10 @@ mod tests {
 
     #[test]
     fn a_strided_input_is_normalised_as_its_contiguous_copy() {
-        let norm = RmsNorm::new(&random(&[8], 4), 1e-6).unwrap();
-        let x = random(&[8, 3], 5).t().unwrap();
+        let norm = RmsNorm::new(&random(&[8], 4, 1.0), 1e-6).unwrap();
+        let x = random(&[8, 3], 5, 1.0).t().unwrap();
         assert!(!x.is_contiguous());
-        let r = random(&[8, 3], 6).t().unwrap();
+        let r = random(&[8, 3], 6, 1.0).t().unwrap();
         let want = norm.forward_add(&x.contiguous().unwrap(), &r.contiguous().unwrap());
         assert_eq!(
             bits(&norm.forward_add(&x, &r).unwrap()),
@@ -290,11 +440,71 @@ mod tests {
 
     #[test]
     fn mismatched_shapes_are_errors_not_reads_out_of_bounds() {
-        let norm = RmsNorm::new(&random(&[8], 7), 1e-6).unwrap();
-        let err = norm.forward(&random(&[2, 6], 8)).unwrap_err().to_string();
+        let norm = RmsNorm::new(&random(&[8], 7, 1.0), 1e-6).unwrap();
+        let err = norm
+            .forward(&random(&[2, 6], 8, 1.0))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("weight [8] for rows of 6"), "{err}");
         let err = norm
-            .forward_add(&random(&[2, 8], 9), &random(&[3, 8], 9))
+            .forward_add(&random(&[2, 8], 9, 1.0), &random(&[3, 8], 9, 1.0))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("residual [3, 8] for input [2, 8]"), "{err}");
+    }
+
+    #[test]
+    fn fused_norm_pairs_equal_two_norms_bit_for_bit() {
+        use candle_core::IndexOp;
+        // A decode step at gemma-2-2b's width, many rows (parallel), odd sizes.
+        for (shape, seed) in [(vec![1, 1, 2304], 1), (vec![3, 17, 64], 2), (vec![5, 9], 3)] {
+            let size = *shape.last().unwrap();
+            let first =
+                RmsNorm::new(&(random(&[size], seed + 10, 1.0) * 0.3).unwrap(), 1e-6).unwrap();
+            let second =
+                RmsNorm::new(&(random(&[size], seed + 11, 1.0) * 0.2).unwrap(), 1e-5).unwrap();
+            let pair = NormPair::new(&first, &second).unwrap();
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let x = (random(&shape, seed, 1.0) * 7.0)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let r = (random(&shape, seed + 20, 1.0) * 3.0)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let op = Pair {
+                    eps: (first.eps, second.eps),
+                };
+                let both = x.apply_op3_no_bwd(&r, &pair.weights, &op).unwrap();
+                assert_eq!(both.dims(), [&[2], shape.as_slice()].concat());
+                let sum = candle_ops(&first, &x, Some(&r));
+                let normed = candle_ops(&second, &sum, None);
+                assert_eq!(
+                    bits(&both.i(0).unwrap()),
+                    bits(&sum),
+                    "{dtype:?} {shape:?} sum"
+                );
+                assert_eq!(
+                    bits(&both.i(1).unwrap()),
+                    bits(&normed),
+                    "{dtype:?} {shape:?} normalised"
+                );
+                // The public path (fused unless CAPTURE_UNFUSED is set), and
+                // the two norms run apart.
+                for apart in [false, true] {
+                    let (s, n) = pair.forward(&x, &r, apart).unwrap();
+                    assert_eq!((bits(&s), bits(&n)), (bits(&sum), bits(&normed)));
+                }
+            }
+        }
+        let pair = NormPair::new(
+            &RmsNorm::new(&random(&[8], 1, 1.0), 1e-6).unwrap(),
+            &RmsNorm::new(&random(&[8], 2, 1.0), 1e-6).unwrap(),
+        )
+        .unwrap();
+        let err = pair
+            .forward(&random(&[2, 8], 3, 1.0), &random(&[3, 8], 4, 1.0), false)
             .unwrap_err()
             .to_string();
         assert!(err.contains("residual [3, 8] for input [2, 8]"), "{err}");

@@ -1,22 +1,14 @@
-//! Launching the kernels on candle's CUDA storage.
+//! The kernels that reduce over a row (one block per row): the RMS norm
+//! (alone, with the residual addition, or two with the addition between
+//! them) and the attention softmax.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, WithDType};
 use half::{bf16, f16};
 
-/// The PTX modules, compiled by `build.rs`: (module name, text).
-const RMS_NORM: (&str, &str) = (
-    "capture_rms_norm",
-    include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx")),
-);
-const ATTENTION_SOFTMAX: (&str, &str) = (
-    "capture_attention_softmax",
-    include_str!(concat!(env!("OUT_DIR"), "/attention_softmax.ptx")),
-);
+use super::{ATTENTION_SOFTMAX, RMS_NORM, view};
 
 /// `residual + T(x / sqrt(mean(x^2) + eps) * weight)` over the last axis
 /// of `x` (f32, bf16 or f16; without `residual`, just the norm), with an
@@ -46,34 +38,42 @@ pub fn rms_norm(
         );
     }
     match x.0.dtype() {
-        DType::F32 => norm::<f32>("f32", x, residual, weight, eps),
-        DType::BF16 => norm::<bf16>("bf16", x, residual, weight, eps),
-        DType::F16 => norm::<f16>("f16", x, residual, weight, eps),
+        DType::F32 => norm::<f32>("f32", x, residual, weight, eps, None),
+        DType::BF16 => norm::<bf16>("bf16", x, residual, weight, eps, None),
+        DType::F16 => norm::<f16>("f16", x, residual, weight, eps, None),
         other => candle_core::bail!("{WHAT}: unsupported dtype {other:?}"),
     }
 }
 
+/// Launches one of the norm kernels: the norm, with the residual addition
+/// when `residual` is given, and then the second norm (`[2, width]`
+/// weights, a second `eps`, an output twice the input's size) when
+/// `second_eps` is given (only with a residual).
 fn norm<T: CudaDType + DeviceRepr>(
     suffix: &str,
     x: (&CudaStorage, &Layout),
     residual: Option<(&CudaStorage, &Layout)>,
     weight: (&CudaStorage, &Layout),
     eps: f32,
+    second_eps: Option<f32>,
 ) -> candle_core::Result<CudaStorage> {
     const WHAT: &str = "rms-norm";
     let dev = x.0.device().clone();
     let xs = view::<T>(x, WHAT)?;
     let ws = view::<f32>(weight, WHAT)?;
     let rs = residual.map(|r| view::<T>(r, WHAT)).transpose()?;
-    let (elements, width) = (xs.len(), ws.len());
-    let name = match rs {
-        Some(_) => format!("capture_rms_norm_add_{suffix}"),
-        None => format!("capture_rms_norm_{suffix}"),
+    let (name, halves) = match (&rs, second_eps) {
+        (None, None) => ("capture_rms_norm", 1),
+        (Some(_), None) => ("capture_rms_norm_add", 1),
+        (Some(_), Some(_)) => ("capture_rms_norm_add_norm", 2),
+        (None, Some(_)) => candle_core::bail!("{WHAT}: a second norm needs the residual"),
     };
+    let (elements, width) = (xs.len(), ws.len() / halves);
     // Loaded once per device.
-    let func = dev.get_or_load_custom_func(&name, RMS_NORM.0, RMS_NORM.1)?;
-    // SAFETY: the kernel below writes every element (one block per row).
-    let out = unsafe { dev.alloc::<T>(elements)? };
+    let func = dev.get_or_load_custom_func(&format!("{name}_{suffix}"), RMS_NORM.0, RMS_NORM.1)?;
+    // SAFETY: the kernel below writes every element (one block per row,
+    // of each half).
+    let out = unsafe { dev.alloc::<T>(halves * elements)? };
     if width > 0 && elements > 0 {
         let width_arg = width as i32;
         let mut builder = func.builder();
@@ -85,13 +85,54 @@ fn norm<T: CudaDType + DeviceRepr>(
         builder.arg(&out);
         builder.arg(&width_arg);
         builder.arg(&eps);
+        if let Some(second) = &second_eps {
+            builder.arg(second);
+        }
         // SAFETY: the arguments are the kernel's, in its order and types;
-        // `xs`, `rs` and `out` hold `elements`, a whole number of rows of
-        // `width` (the last axis, checked against the weight's length), and
-        // block `r` reads and writes only row `r`.
+        // `xs`, `rs` hold `elements`, a whole number of rows of `width` (the
+        // last axis, checked against the weights: `[width]`, or `[2,
+        // width]` for two norms), and `out` that many times `halves`; block
+        // `r` reads row `r` and writes row `r` (of each half: the kernel
+        // takes the grid's size as a half's rows).
         unsafe { builder.launch(rows(elements / width, width)) }.w()?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// Two norms with the residual addition between them, over the last axis
+/// of `x` (f32, bf16 or f16): `sum = residual + T(x / rms(x) * w1)` and
+/// `T(sum / rms(sum) * w2)`, with `weights` `[2, width]` in f32 (w1, then
+/// w2) and `eps` for each; a new storage `[2, ...x's shape]`: the sums,
+/// then the normalised sums.
+pub fn rms_norm_add_norm(
+    x: (&CudaStorage, &Layout),
+    residual: (&CudaStorage, &Layout),
+    weights: (&CudaStorage, &Layout),
+    eps: (f32, f32),
+) -> candle_core::Result<CudaStorage> {
+    const WHAT: &str = "rms-norm-add-norm";
+    let width = *x.1.dims().last().unwrap_or(&0);
+    if weights.1.dims() != [2, width]
+        || weights.0.dtype() != DType::F32
+        || residual.1.dims() != x.1.dims()
+        || residual.0.dtype() != x.0.dtype()
+    {
+        candle_core::bail!(
+            "{WHAT}: weights {:?} {:?} and residual {:?} for input {:?}",
+            weights.0.dtype(),
+            weights.1.dims(),
+            residual.1.dims(),
+            x.1.dims()
+        );
+    }
+    let (eps, second) = (eps.0, Some(eps.1));
+    let residual = Some(residual);
+    match x.0.dtype() {
+        DType::F32 => norm::<f32>("f32", x, residual, weights, eps, second),
+        DType::BF16 => norm::<bf16>("bf16", x, residual, weights, eps, second),
+        DType::F16 => norm::<f16>("f16", x, residual, weights, eps, second),
+        other => candle_core::bail!("{WHAT}: unsupported dtype {other:?}"),
+    }
 }
 
 /// Attention probabilities `[b, heads, t, ctx]` in `out` (f32, or the
@@ -182,17 +223,6 @@ impl Softmax<'_> {
             unsafe { builder.launch(rows(elements / ctx, ctx)) }.w()?;
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
-    }
-}
-
-/// The elements of a contiguous layout of `storage`, as `T`.
-fn view<'a, T: CudaDType + DeviceRepr>(
-    (storage, layout): (&'a CudaStorage, &Layout),
-    what: &str,
-) -> candle_core::Result<CudaView<'a, T>> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(storage.as_cuda_slice::<T>()?.slice(start..end)),
-        None => candle_core::bail!("{what}: the inputs must be contiguous"),
     }
 }
 

@@ -1,0 +1,140 @@
+// The elementwise kernels' bodies (rotary.cu, gelu_mul.cu) run on the host,
+// element by element, against references written independently of them: a
+// check of their indexing and arithmetic for a machine without a GPU.
+// `scripts/build_cuda.sh` compiles and runs it with nvcc:
+//
+//   nvcc -DCAPTURE_HOST_EMULATION -o host_emulation kernels/tests/host_emulation.cu && ./host_emulation
+//
+// Each launch is emulated as the worker launches it (one call per index
+// below the element count the launch code computes); outputs start as NaN
+// so that an element no index writes is caught, and a cache buffer's other
+// columns must keep their values. Exit status 0 when every check passes.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "../src/gelu_mul.cu"
+#include "../src/rotary.cu"
+
+static int failures = 0;
+
+static void check(bool ok, const char *what, int i, float got, float want) {
+    if (!ok) {
+        if (failures < 20) {
+            std::printf("FAIL %s at %d: got %.9g, want %.9g\n", what, i, got, want);
+        }
+        failures++;
+    }
+}
+
+// Deterministic values in [-2, 2), rounded to T.
+template <typename T> static std::vector<T> values(size_t n, unsigned seed) {
+    std::vector<T> v(n);
+    unsigned x = seed * 2654435761u + 1;
+    for (size_t i = 0; i < n; i++) {
+        x = x * 1664525u + 1013904223u;
+        v[i] = narrow_to<T>((float)(x >> 8) / (float)(1u << 24) * 4.0f - 2.0f);
+    }
+    return v;
+}
+
+template <typename T> static T nan_value() { return narrow_to<T>(NAN); }
+
+// transformers' rotation of one head row: T(x * cos) + T(rotate_half(x) * sin),
+// with cos and sin repeated over both halves.
+template <typename T>
+static float rope_reference(const T *x, const T *table, int d, int j) {
+    const int half = d / 2;
+    const float c = widen(table[j % half]), s = widen(table[half + j % half]);
+    const float rotated = j < half ? -widen(x[j + half]) : widen(x[j - half]);
+    return widen(narrow_to<T>(widen(narrow_to<T>(widen(x[j]) * c)) +
+                              widen(narrow_to<T>(rotated * s))));
+}
+
+template <typename T>
+static void rotary_case(const char *name, int b, int t, int heads, int kv_heads, int d,
+                        bool batched, int capacity, int start) {
+    const QkvShape s{b, t, heads, kv_heads, d, batched ? 1 : 0};
+    const int total = heads + 2 * kv_heads;
+    const std::vector<T> qkv = values<T>((size_t)b * t * total * d, 1);
+    const std::vector<T> table = values<T>((size_t)(batched ? b : 1) * t * d, 2);
+    // Queries: every element written, each the reference rotation.
+    std::vector<T> q((size_t)b * heads * t * d, nan_value<T>());
+    const size_t query_pairs = (size_t)b * heads * t * (d / 2);
+    for (size_t i = 0; i < query_pairs; i++) {
+        rotary_query_pair(qkv.data(), table.data(), q.data(), s, i);
+    }
+    for (int bi = 0; bi < b; bi++)
+        for (int h = 0; h < heads; h++)
+            for (int ti = 0; ti < t; ti++)
+                for (int j = 0; j < d; j++) {
+                    const size_t at = (((size_t)bi * heads + h) * t + ti) * d + j;
+                    const float want = rope_reference(&qkv[s.qkv_row(bi, ti, h)],
+                                                      &table[s.table_row(bi, ti)], d, j);
+                    check(widen(q[at]) == want, name, (int)at, widen(q[at]), want);
+                }
+    // Keys and values: the pass's columns written, every other one kept.
+    const size_t per_half = (size_t)b * kv_heads * capacity * d;
+    std::vector<T> buffer = values<T>(2 * per_half, 3);
+    const std::vector<T> before = buffer;
+    const size_t kv_pairs = (size_t)b * kv_heads * t * (d / 2);
+    for (size_t i = 0; i < kv_pairs; i++) {
+        rotary_key_value_pair(qkv.data(), table.data(), buffer.data(), s, capacity, start, i);
+    }
+    for (int kv = 0; kv < 2; kv++)
+        for (int bi = 0; bi < b; bi++)
+            for (int h = 0; h < kv_heads; h++)
+                for (int c = 0; c < capacity; c++)
+                    for (int j = 0; j < d; j++) {
+                        const size_t at = kv * per_half +
+                                          (((size_t)bi * kv_heads + h) * capacity + c) * d + j;
+                        float want = widen(before[at]);
+                        const int ti = c - start;
+                        if (ti >= 0 && ti < t) {
+                            const T *x = &qkv[s.qkv_row(bi, ti, heads + kv * kv_heads + h)];
+                            want = kv == 0 ? rope_reference(x, &table[s.table_row(bi, ti)], d, j)
+                                           : widen(x[j]);
+                        }
+                        check(widen(buffer[at]) == want, name, (int)at, widen(buffer[at]), want);
+                    }
+}
+
+template <typename T>
+static void gelu_mul_case(const char *name, int rows, int width, float tolerance) {
+    const std::vector<T> gate_up = values<T>((size_t)rows * 2 * width, 4);
+    std::vector<T> out((size_t)rows * width, nan_value<T>());
+    for (size_t i = 0; i < out.size(); i++) {
+        gelu_mul_element(gate_up.data(), out.data(), width, i);
+    }
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < width; j++) {
+            const double x = widen(gate_up[(size_t)r * 2 * width + j]);
+            const double up = widen(gate_up[(size_t)r * 2 * width + width + j]);
+            const double gelu = 0.5 * x * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) *
+                                                           (x + 0.044715 * x * x * x)));
+            const float want = (float)(gelu * up);
+            const float got = widen(out[(size_t)r * width + j]);
+            check(std::fabs(got - want) <= tolerance * (std::fabs(want) + 1e-3f), name,
+                  r * width + j, got, want);
+        }
+}
+
+int main() {
+    // A prompt pass (padded batch, tables per sequence), a decode step with
+    // gemma-2-2b's heads and a shared table, and odd sizes.
+    rotary_case<float>("rotary f32, batched table", 3, 5, 4, 2, 8, true, 9, 2);
+    rotary_case<float>("rotary f32, decode step", 2, 1, 8, 4, 256, false, 40, 31);
+    rotary_case<__nv_bfloat16>("rotary bf16, batched table", 3, 5, 4, 2, 8, true, 9, 2);
+    rotary_case<__nv_bfloat16>("rotary bf16, decode step", 2, 1, 8, 4, 256, true, 40, 39);
+    rotary_case<__half>("rotary f16, shared table", 1, 7, 2, 1, 6, false, 7, 0);
+    gelu_mul_case<float>("gelu-mul f32", 5, 37, 1e-5f);
+    gelu_mul_case<__nv_bfloat16>("gelu-mul bf16", 3, 64, 2e-2f);
+    gelu_mul_case<__half>("gelu-mul f16", 2, 9, 2e-3f);
+    if (failures > 0) {
+        std::printf("host emulation: %d mismatches\n", failures);
+        return 1;
+    }
+    std::printf("host emulation: rotary and gelu-mul kernels match their references\n");
+    return 0;
+}
