@@ -400,7 +400,11 @@ impl DecoderLayer {
             .forward(&xs, pass, cache, layer, wants, record)?;
         // A paired norm's two outputs share one storage: a residual record
         // of a pass over many columns (a prompt) would hold twice its size
-        // until the pass ends, so such passes run the norms apart.
+        // until the pass ends, so such passes run this layer's norms apart.
+        // (The record of `residual_in` comes from the previous layer, which
+        // pairs its norms unless it records too: in internals mode, one
+        // extra `[b, t, hidden]` per chosen layer, beside its attention
+        // heads and projections.)
         let apart = wants.residual && xs.dim(1)? > 1;
         let (after_attn, xs) = self
             .post_attention_then_pre_feedforward
