@@ -15,7 +15,7 @@
 # (H100, H200); set CUDA_COMPUTE_CAP for another card.
 #
 # Before building, the elementwise kernels run on the CPU against their
-# references (kernels/tests/host_emulation.cu); a mismatch stops the build.
+# references (scripts/check_kernels.sh); a mismatch stops the build.
 #
 # Outputs (stripped and xz-compressed, about 10 MB each, to travel to the
 # GPU machine; see scripts/gpu_check.sh):
@@ -44,10 +44,7 @@ nvcc --version | tail -1
 # The elementwise kernels' bodies (rotary, GELU times up) run here, on the
 # CPU, against references written apart from them: their indexing and
 # arithmetic checked before any GPU sees them.
-mkdir -p "$CARGO_TARGET_DIR"
-nvcc -DCAPTURE_HOST_EMULATION -L"$CUDA_HOME/lib" -o "$CARGO_TARGET_DIR/host_emulation" \
-    kernels/tests/host_emulation.cu
-"$CARGO_TARGET_DIR/host_emulation"
+bash scripts/check_kernels.sh
 
 # Unversioned names for the linker.
 for lib in cudart cublas cublasLt nvrtc; do

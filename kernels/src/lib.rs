@@ -19,9 +19,10 @@
 //! the candle operations they replace, are in the worker (`model::norm`,
 //! `model::attention_softmax`, `model::rotary`, `model::gelu_mul`);
 //! `capture::gpu_tests` compares the two on a GPU, and
-//! `tests/host_emulation.cu` runs the elementwise kernels' bodies on the host
-//! (`scripts/build_cuda.sh`). Without the `cuda` feature this crate is empty
-//! (the kernels are compiled to PTX by `build.rs`, which needs nvcc).
+//! `tests/host_emulation.cu` runs the elementwise kernels' bodies on the
+//! host (`scripts/check_kernels.sh`, in CI). Without the `cuda` feature this
+//! crate is empty (the kernels are compiled to PTX by `build.rs`, which
+//! needs nvcc).
 
 #[cfg(feature = "cuda")]
 mod launch;

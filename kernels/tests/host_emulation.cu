@@ -1,9 +1,11 @@
 // The elementwise kernels' bodies (rotary.cu, gelu_mul.cu) run on the host,
 // element by element, against references written independently of them: a
 // check of their indexing and arithmetic for a machine without a GPU.
-// `scripts/build_cuda.sh` compiles and runs it with nvcc:
+// `scripts/check_kernels.sh` (CI, and scripts/build_cuda.sh) compiles and
+// runs it with nvcc:
 //
-//   nvcc -DCAPTURE_HOST_EMULATION -o host_emulation kernels/tests/host_emulation.cu && ./host_emulation
+//   nvcc -DCAPTURE_HOST_EMULATION -L$CUDA_HOME/lib -o host_emulation \
+//       kernels/tests/host_emulation.cu && ./host_emulation
 //
 // Each launch is emulated as the worker launches it (one call per index
 // below the element count the launch code computes); outputs start as NaN
