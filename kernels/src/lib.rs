@@ -27,8 +27,24 @@
 #[cfg(feature = "cuda")]
 mod launch;
 
+/// The head counts of a stacked q/k/v projection `[b, t, heads + 2
+/// kv_heads, head_dim]`: query heads, then key heads, then value heads
+/// (the rotary kernels' layout; the worker's CPU implementation uses it
+/// too, so it exists without the `cuda` feature).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QkvHeads {
+    pub heads: usize,
+    pub kv_heads: usize,
+}
+
+impl QkvHeads {
+    /// Heads in all: `heads + 2 kv_heads`.
+    pub fn total(self) -> usize {
+        self.heads + 2 * self.kv_heads
+    }
+}
+
 #[cfg(feature = "cuda")]
 pub use launch::{
-    QkvHeads, attention_softmax, gelu_mul, rms_norm, rms_norm_add_norm, rotary_keys_values,
-    rotary_queries,
+    attention_softmax, gelu_mul, rms_norm, rms_norm_add_norm, rotary_keys_values, rotary_queries,
 };

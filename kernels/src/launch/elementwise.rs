@@ -9,14 +9,7 @@ use candle_core::{CudaStorage, DType, Layout};
 use half::{bf16, f16};
 
 use super::{GELU_MUL, ROTARY, view};
-
-/// The head counts of a stacked q/k/v projection `[b, t, heads + 2
-/// kv_heads, head_dim]`: query heads, then key heads, then value heads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QkvHeads {
-    pub heads: usize,
-    pub kv_heads: usize,
-}
+use crate::QkvHeads;
 
 /// `QkvShape` of `rotary.cu`, passed by value.
 #[repr(C)]
@@ -116,7 +109,7 @@ fn qkv_shape(
         [tb, rows, width] if (*tb, *rows, *width) == (b, t, d) => true,
         other => candle_core::bail!("{ROTARY_WHAT}: table {other:?} for qkv {:?}", qkv.1.dims()),
     };
-    if total != heads.heads + 2 * heads.kv_heads
+    if total != heads.total()
         || !d.is_multiple_of(2)
         || table.0.dtype() != qkv.0.dtype()
         || b * t * total * d > i32::MAX as usize

@@ -3,7 +3,7 @@
 mod elementwise;
 mod reductions;
 
-pub use elementwise::{QkvHeads, gelu_mul, rotary_keys_values, rotary_queries};
+pub use elementwise::{gelu_mul, rotary_keys_values, rotary_queries};
 pub use reductions::{attention_softmax, rms_norm, rms_norm_add_norm};
 
 use candle_core::cuda_backend::CudaDType;

@@ -35,7 +35,7 @@ pub fn contiguous<'a, T>(
 }
 
 /// Rows above which the CPU implementations work on rows in parallel.
-pub const PARALLEL_ROWS: usize = 32;
+const PARALLEL_ROWS: usize = 32;
 
 /// `row(i, input row i, output row i)` for every row of `width` elements,
 /// in parallel when there are many rows (as candle's CPU operations do).

@@ -20,13 +20,12 @@
 //! `CAPTURE_UNFUSED=1` selects candle's operations instead (see
 //! [`super::fused`]).
 
-use super::fused::{PARALLEL_ROWS, contiguous, for_each_row, unfused};
+use super::fused::{contiguous, for_each_row, unfused};
 use super::weights::Weights;
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp2, CustomOp3, DType, IndexOp, Layout, Shape, Tensor, WithDType,
 };
-use rayon::prelude::*;
 
 /// `x / sqrt(mean(x^2) + eps) * (1 + w)`, computed in f32, in `x`'s dtype.
 #[derive(Debug, Clone)]
@@ -308,22 +307,12 @@ impl Pair {
             return Ok(T::to_cpu_storage_owned(out));
         }
         let (sums, normed) = out.split_at_mut(xs.len());
-        let row = |(i, (sum, normed)): (usize, (&mut [T], &mut [T]))| {
-            let r = &residual[i * n..(i + 1) * n];
-            norm_row(&xs[i * n..(i + 1) * n], Some(r), w1, self.eps.0, sum);
-            norm_row(sum, None, w2, self.eps.1, normed);
-        };
-        if xs.len() / n <= PARALLEL_ROWS {
-            sums.chunks_mut(n)
-                .zip(normed.chunks_mut(n))
-                .enumerate()
-                .for_each(row);
-        } else {
-            sums.par_chunks_mut(n)
-                .zip(normed.par_chunks_mut(n))
-                .enumerate()
-                .for_each(row);
-        }
+        for_each_row(xs, sums, n, |i, x, sum| {
+            norm_row(x, Some(&residual[i * n..(i + 1) * n]), w1, self.eps.0, sum);
+        });
+        for_each_row(sums, normed, n, |_, sum, out| {
+            norm_row(sum, None, w2, self.eps.1, out)
+        });
         Ok(T::to_cpu_storage_owned(out))
     }
 }

@@ -32,6 +32,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+pub use capture_kernels::QkvHeads;
+
 use super::cache::{KvCache, KvShape};
 use super::config::Gemma2Config;
 use super::fused::{contiguous, unfused};
@@ -119,28 +121,6 @@ impl Rotary {
         Ok(PassRotary {
             tables: self.tables.rows(b, start, t, positions)?,
         })
-    }
-}
-
-/// The head counts of a stacked q/k/v projection `[b, t, heads + 2
-/// kv_heads, head_dim]`: query heads, then key heads, then value heads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QkvHeads {
-    pub heads: usize,
-    pub kv_heads: usize,
-}
-
-impl QkvHeads {
-    fn total(self) -> usize {
-        self.heads + 2 * self.kv_heads
-    }
-
-    #[cfg(feature = "cuda")]
-    fn for_kernels(self) -> capture_kernels::QkvHeads {
-        capture_kernels::QkvHeads {
-            heads: self.heads,
-            kv_heads: self.kv_heads,
-        }
     }
 }
 
@@ -346,7 +326,7 @@ impl CustomOp2 for Queries {
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (b, t, d, _) = pass_dims(l1, l2, self.heads)?;
-        let out = capture_kernels::rotary_queries((s1, l1), (s2, l2), self.heads.for_kernels())?;
+        let out = capture_kernels::rotary_queries((s1, l1), (s2, l2), self.heads)?;
         Ok((out, Shape::from((b, self.heads.heads, t, d))))
     }
 }
@@ -465,13 +445,7 @@ impl InplaceOp3 for KeysValues {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<()> {
-        capture_kernels::rotary_keys_values(
-            (s1, l1),
-            (s2, l2),
-            (s3, l3),
-            self.heads.for_kernels(),
-            self.start,
-        )
+        capture_kernels::rotary_keys_values((s1, l1), (s2, l2), (s3, l3), self.heads, self.start)
     }
 }
 
