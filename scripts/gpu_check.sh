@@ -17,7 +17,10 @@
 # 4. the same bench without transformers and with CAPTURE_UNFUSED=1 (candle's
 #    separate operations instead of the fused norm and attention softmax of
 #    the capture-kernels crate), batches of 1 and 16, for the side-by-side
-#    ratio.
+#    ratio;
+# 5. the same with CAPTURE_CUDA_DEFAULTS=1 (the driver's memory pool
+#    releasing freed memory at every synchronisation, cudarc's events on
+#    every allocation; see capture_kernels::device), batches of 1 and 16.
 #
 # Every step runs even when an earlier one fails; the summary at the end
 # gives each step's exit status. All output goes to OUT_DIR/all.log, the bench results to bench.json.
@@ -62,8 +65,10 @@ step bench 360 /tmp/gpu-bin/worker bench --device cuda --new-tokens 20 --prompt-
     --json "$out/bench.json"
 step bench-unfused 120 env CAPTURE_UNFUSED=1 /tmp/gpu-bin/worker bench --device cuda \
     --new-tokens 20 --prompt-tokens 30 --batch-sizes 16 --repeats 2 --json "$out/bench-unfused.json"
+step bench-cuda-defaults 120 env CAPTURE_CUDA_DEFAULTS=1 /tmp/gpu-bin/worker bench --device cuda \
+    --new-tokens 20 --prompt-tokens 30 --batch-sizes 16 --repeats 2 --json "$out/bench-cuda-defaults.json"
 
 echo "=== summary"
-for name in tests capture-cpu capture-cuda-bf16 capture-cuda-f32 compare-f32 compare-bf16 bench bench-unfused; do
+for name in tests capture-cpu capture-cuda-bf16 capture-cuda-f32 compare-f32 compare-bf16 bench bench-unfused bench-cuda-defaults; do
     echo "$name: exit ${status[$name]:-not run}"
 done | tee "$out/summary.txt"

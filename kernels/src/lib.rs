@@ -14,6 +14,9 @@
 //!   written into the KV cache in place (`rotary.cu`);
 //! - [`gelu_mul`]: the MLP's `gelu(gate) * up` (`gelu_mul.cu`).
 //!
+//! [`device::prepare`] sets up a device for the many small allocations of
+//! a decode step (freed memory stays in the pool between steps).
+//!
 //! Each function checks its inputs' shapes and contiguity against what its
 //! kernel reads and writes, so it is safe to call. The CPU references, and
 //! the candle operations they replace, are in the worker (`model::norm`,
@@ -24,6 +27,8 @@
 //! crate is empty (the kernels are compiled to PTX by `build.rs`, which
 //! needs nvcc).
 
+#[cfg(feature = "cuda")]
+pub mod device;
 #[cfg(feature = "cuda")]
 mod launch;
 

@@ -55,12 +55,14 @@ impl DeviceArg {
                         "--device {self} needs a worker built with `--features cuda`; this build is CPU-only"
                     )));
                 }
-                Device::new_cuda(*n).map_err(|e| {
+                let device = Device::new_cuda(*n).map_err(|e| {
                     CaptureError::InvalidArgument(format!(
                         "cannot open {self}: {} (is the NVIDIA driver installed, the GPU visible to this process, and {n} below the GPU count of nvidia-smi -L?)",
                         e.to_string().lines().next().unwrap_or_default()
                     ))
-                })
+                })?;
+                prepare_cuda(&device).map_err(|e| e.context(format!("cannot set up {self}")))?;
+                Ok(device)
             }
         }
     }
@@ -72,6 +74,22 @@ impl DeviceArg {
             DeviceArg::Cuda(_) => DType::BF16,
         }
     }
+}
+
+/// Sets a newly opened CUDA device up for a decode step's many small
+/// allocations ([`capture_kernels::device::prepare`]: freed memory stays in
+/// the pool between steps, no per-allocation events), unless
+/// `CAPTURE_CUDA_DEFAULTS=1` asks for the driver's and cudarc's defaults
+/// (to measure the difference).
+fn prepare_cuda(device: &Device) -> candle_core::Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device
+        && !std::env::var("CAPTURE_CUDA_DEFAULTS").is_ok_and(|v| !v.is_empty() && v != "0")
+    {
+        capture_kernels::device::prepare(cuda)?;
+    }
+    let _ = device;
+    Ok(())
 }
 
 /// Parses `--dtype` (compute dtype).

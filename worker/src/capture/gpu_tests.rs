@@ -9,11 +9,16 @@ use super::batch_tests::{batched_equals_one_at_a_time, everything, tiny_on};
 use super::decode::Sampling;
 use super::engine::{ResponsePlan, capture_prompt};
 use super::trace::{PromptTrace, Rows};
+use crate::loader::DeviceArg;
 use crate::model::{CaptureRequest, LayerWants};
 use crate::run::free_device_memory;
 
+/// The GPU as the worker opens it (`--device cuda`, set up by
+/// `capture_kernels::device::prepare`).
 fn cuda() -> Device {
-    Device::new_cuda(0).expect("a CUDA device (these tests need a GPU)")
+    DeviceArg::Cuda(0)
+        .open()
+        .expect("a CUDA device (these tests need a GPU)")
 }
 
 /// `|a - b| / |b|` over whole tensors (Euclidean norms).
@@ -168,6 +173,36 @@ fn cuda_free_memory_is_read_from_the_driver() {
         free as f64 / (1u64 << 30) as f64
     );
     assert!(free > 1 << 30, "{free} bytes free on a GPU");
+}
+
+#[test]
+fn cuda_freed_memory_stays_in_the_pool_and_counts_as_free() {
+    use candle_core::Tensor;
+    let gpu = cuda();
+    let Device::Cuda(device) = &gpu else {
+        unreachable!()
+    };
+    let pool = |what: &str| {
+        let pool = capture_kernels::device::pool_memory(device)
+            .unwrap()
+            .expect("the H100/H200's stream-ordered allocator");
+        eprintln!("cuda pool {what}: {pool:?}");
+        pool
+    };
+    assert_eq!(pool("at start").release_threshold, u64::MAX);
+    let size = 256 << 20;
+    let before = free_device_memory(&gpu).unwrap();
+    let buffer = Tensor::zeros(size / 4, DType::F32, &gpu).unwrap();
+    gpu.synchronize().unwrap();
+    assert!(pool("in use").used >= size as u64);
+    drop(buffer);
+    // A synchronisation releases pooled memory above the threshold.
+    gpu.synchronize().unwrap();
+    let after = pool("after the free");
+    assert!(after.idle() >= size as u64, "{after:?}");
+    let free = free_device_memory(&gpu).unwrap();
+    // Other processes may allocate meanwhile: allow 64 MiB either way.
+    assert!(free.abs_diff(before) < 64 << 20, "{before} -> {free}");
 }
 
 /// A tensor's elements on the host, as f32.

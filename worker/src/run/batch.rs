@@ -104,18 +104,22 @@ pub fn sequence_cost(
     }
 }
 
-/// Free memory in bytes on `device` (`MemAvailable` for the CPU, the CUDA
-/// driver's free memory for a GPU), if it can be read.
+/// Free memory in bytes on `device` (`MemAvailable` for the CPU; for a GPU
+/// the CUDA driver's free memory plus what this process's memory pool holds
+/// unused, which the driver counts as taken: earlier batches' buffers stay
+/// pooled, see `capture_kernels::device`), if it can be read.
 pub fn free_device_memory(device: &Device) -> Option<u64> {
     match device {
         Device::Cpu => host_available_memory(),
         #[cfg(feature = "cuda")]
-        Device::Cuda(cuda) => cuda
-            .cuda_stream()
-            .context()
-            .mem_get_info()
-            .ok()
-            .map(|(free, _)| free as u64),
+        Device::Cuda(cuda) => {
+            let (free, _) = cuda.cuda_stream().context().mem_get_info().ok()?;
+            let pooled = capture_kernels::device::pool_memory(cuda)
+                .ok()
+                .flatten()
+                .map_or(0, |pool| pool.idle());
+            Some(free as u64 + pooled)
+        }
         _ => None,
     }
 }
