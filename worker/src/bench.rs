@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use candle_core::DType;
+use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use crate::capture::{
@@ -104,6 +104,9 @@ pub struct BenchReport {
     pub threads: usize,
     pub prompt_tokens: usize,
     pub new_tokens: usize,
+    /// Seconds per candle operation on one `[1, hidden]` row (see
+    /// [`small_operation_seconds`]).
+    pub small_operation_seconds: f64,
     pub rows: Vec<BenchRow>,
     pub transformers: Option<TransformersReport>,
 }
@@ -163,6 +166,12 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
     let captured_rate =
         |batch: usize, seconds: f64| (batch * (prompt.len() + options.new_tokens)) as f64 / seconds;
 
+    let operation = small_operation_seconds(&device, dtype, cfg.hidden_size)?;
+    log(&format!(
+        "one small operation (a [1, {}] row through candle, chained): {:.1} us",
+        cfg.hidden_size,
+        operation * 1e6
+    ));
     log("warm-up");
     let response = generate(&model, &prompt, plan, &mut || {})?;
 
@@ -372,9 +381,36 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         prompt_tokens: prompt.len(),
         new_tokens: options.new_tokens,
+        small_operation_seconds: operation,
         rows,
         transformers,
     })
+}
+
+/// Seconds per candle operation on one `[1, width]` row, best of three
+/// chains of 2,000 (each operation reads the last one's output). The
+/// operation's own work is next to nothing, so on a GPU this is what
+/// launching one kernel through candle costs the host (allocating the
+/// output, the launch, freeing): a decode step at batch 1 runs about a
+/// dozen per layer, and cannot be faster than their launches.
+fn small_operation_seconds(device: &Device, dtype: DType, width: usize) -> Result<f64> {
+    const CHAIN: usize = 2000;
+    let mut x = Tensor::zeros((1, width), dtype, device)?;
+    // The first launches load the kernel's module.
+    for _ in 0..100 {
+        x = x.affine(1.0, 0.0)?;
+    }
+    device.synchronize()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let start = Instant::now();
+        for _ in 0..CHAIN {
+            x = x.affine(1.0, 0.0)?;
+        }
+        device.synchronize()?;
+        best = best.min(start.elapsed().as_secs_f64() / CHAIN as f64);
+    }
+    Ok(best)
 }
 
 /// Where one profiled batch's time went, per pass, as the bench logs it.
@@ -486,7 +522,7 @@ impl BenchReport {
             fair(batch).map_or("—".to_string(), |f| format!("{:.2}x", f / seconds))
         };
         let mut out = format!(
-            "device {}, compute {}, weights {}, {} threads, {}-token prompt, {} new tokens\n\n\
+            "device {}, compute {}, weights {}, {} threads, {}-token prompt, {} new tokens, {:.1} us per small operation\n\n\
              | workload | batch | s / generated token | captured tokens / s | peak memory | overhead vs plain | assembly + encode per prompt (s) | speed vs transformers KV cache + hooks |\n\
              |---|---|---|---|---|---|---|---|\n",
             self.device,
@@ -494,7 +530,8 @@ impl BenchReport {
             self.weight_dtype,
             self.threads,
             self.prompt_tokens,
-            self.new_tokens
+            self.new_tokens,
+            self.small_operation_seconds * 1e6
         );
         for row in &self.rows {
             let rate = if row.captured_tokens_per_second > 0.0 {
@@ -597,6 +634,7 @@ mod tests {
             threads: 2,
             prompt_tokens: 30,
             new_tokens: 20,
+            small_operation_seconds: 4.5e-6,
             rows: vec![
                 row("plain generation (KV cache)", 1, 1.0),
                 BenchRow {
@@ -630,6 +668,10 @@ mod tests {
             }),
         };
         let table = report.to_markdown();
+        assert!(
+            table.starts_with("device cpu, compute f32, weights bf16, 2 threads, 30-token prompt, 20 new tokens, 4.5 us per small operation\n"),
+            "{table}"
+        );
         assert!(table.contains("| capture: residual capture, all layers | 1 | 1.250 | 50.0 | 3.0 GiB | +0.0% | 0.010 | 2.00x |"), "{table}");
         assert!(table.contains("| transformers: KV cache + capture hooks | 1 | 2.500 | 1.0 | 13.1 GiB (whole script) | — | — | 1.00x |"), "{table}");
         assert!(
