@@ -6,7 +6,13 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: &[&str] = &["rms_norm", "attention_softmax", "rotary", "gelu_mul"];
+const KERNELS: &[&str] = &[
+    "rms_norm",
+    "attention_softmax",
+    "rotary",
+    "gelu_mul",
+    "gather",
+];
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");

@@ -12,7 +12,9 @@
 //! - [`rotary_queries`], [`rotary_keys_values`]: the rotary embedding read
 //!   straight from the stacked q/k/v projection, the keys (with the values)
 //!   written into the KV cache in place (`rotary.cu`);
-//! - [`gelu_mul`]: the MLP's `gelu(gate) * up` (`gelu_mul.cu`).
+//! - [`gelu_mul`]: the MLP's `gelu(gate) * up` (`gelu_mul.cu`);
+//! - [`gather`]: many tensors' elements into one buffer (`gather.cu`), what
+//!   `Tensor::cat` does with a kernel per tensor.
 //!
 //! [`device::prepare`] sets up a device for the many small allocations of
 //! a decode step (freed memory stays in the pool between steps).
@@ -51,5 +53,6 @@ impl QkvHeads {
 
 #[cfg(feature = "cuda")]
 pub use launch::{
-    attention_softmax, gelu_mul, rms_norm, rms_norm_add_norm, rotary_keys_values, rotary_queries,
+    attention_softmax, gather, gelu_mul, rms_norm, rms_norm_add_norm, rotary_keys_values,
+    rotary_queries,
 };

@@ -1,4 +1,4 @@
-// The elementwise kernels' bodies (rotary.cu, gelu_mul.cu) run on the host,
+// The elementwise kernels' bodies (rotary.cu, gelu_mul.cu, gather.cu) run on the host,
 // element by element, against references written independently of them: a
 // check of their indexing and arithmetic for a machine without a GPU.
 // `scripts/check_kernels.sh` (CI, and scripts/build_cuda.sh) compiles and
@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <vector>
 
+#include "../src/gather.cu"
 #include "../src/gelu_mul.cu"
 #include "../src/rotary.cu"
 
@@ -122,6 +123,39 @@ static void gelu_mul_case(const char *name, int rows, int width, float tolerance
         }
 }
 
+// Segments of these lengths (empty ones too) gathered one after the other:
+// every output element is its source's, in order.
+template <typename T> static void gather_case(const char *name, std::vector<size_t> lengths) {
+    std::vector<std::vector<T>> sources;
+    std::vector<uint64_t> table;
+    std::vector<uint64_t> ends;
+    uint64_t total = 0;
+    for (size_t s = 0; s < lengths.size(); s++) {
+        std::vector<T> source(lengths[s]);
+        for (size_t i = 0; i < lengths[s]; i++) {
+            source[i] = (T)(1000 * (s + 1) + i);
+        }
+        sources.push_back(source);
+        total += lengths[s];
+        ends.push_back(total);
+    }
+    for (const auto &source : sources) {
+        table.push_back((uint64_t)(uintptr_t)source.data());
+    }
+    table.insert(table.end(), ends.begin(), ends.end());
+    const T unwritten = (T)0xBEEF;
+    std::vector<T> out(total, unwritten);
+    for (size_t i = 0; i < total; i++) {
+        gather_element(table.data(), (int)lengths.size(), out.data(), i);
+    }
+    size_t at = 0;
+    for (size_t s = 0; s < lengths.size(); s++) {
+        for (size_t i = 0; i < lengths[s]; i++, at++) {
+            check(out[at] == sources[s][i], name, (int)at, (float)out[at], (float)sources[s][i]);
+        }
+    }
+}
+
 int main() {
     // A prompt pass (padded batch, tables per sequence), a decode step with
     // gemma-2-2b's heads and a shared table, and odd sizes.
@@ -133,10 +167,15 @@ int main() {
     gelu_mul_case<float>("gelu-mul f32", 5, 37, 1e-5f);
     gelu_mul_case<__nv_bfloat16>("gelu-mul bf16", 3, 64, 2e-2f);
     gelu_mul_case<__half>("gelu-mul f16", 2, 9, 2e-3f);
+    gather_case<uint16_t>("gather u16", {5, 0, 1, 300, 7});
+    gather_case<uint32_t>("gather u32, one segment", {1});
+    gather_case<uint32_t>("gather u32, gemma-2-2b residual decode step",
+                          std::vector<size_t>(53, 2304));
+    gather_case<uint32_t>("gather u32, empty first and last", {0, 3, 2, 0});
     if (failures > 0) {
         std::printf("host emulation: %d mismatches\n", failures);
         return 1;
     }
-    std::printf("host emulation: rotary and gelu-mul kernels match their references\n");
+    std::printf("host emulation: rotary, gelu-mul and gather kernels match their references\n");
     return 0;
 }

@@ -254,7 +254,7 @@ fn gelu_mul_as<T: CudaDType + DeviceRepr>(
 }
 
 /// One thread per element, 256 to a block.
-fn elementwise(elements: usize) -> LaunchConfig {
+pub(super) fn elementwise(elements: usize) -> LaunchConfig {
     const THREADS: usize = 256;
     LaunchConfig {
         grid_dim: (elements.div_ceil(THREADS) as u32, 1, 1),

@@ -1,9 +1,11 @@
 //! Launching the kernels on candle's CUDA storage.
 
 mod elementwise;
+mod gather;
 mod reductions;
 
 pub use elementwise::{gelu_mul, rotary_keys_values, rotary_queries};
+pub use gather::gather;
 pub use reductions::{attention_softmax, rms_norm, rms_norm_add_norm};
 
 use candle_core::cuda_backend::CudaDType;
@@ -24,6 +26,10 @@ const ATTENTION_SOFTMAX: Module = (
 const ROTARY: Module = (
     "capture_rotary",
     include_str!(concat!(env!("OUT_DIR"), "/rotary.ptx")),
+);
+const GATHER: Module = (
+    "capture_gather",
+    include_str!(concat!(env!("OUT_DIR"), "/gather.ptx")),
 );
 const GELU_MUL: Module = (
     "capture_gelu_mul",
