@@ -69,9 +69,13 @@ fn gather_as<T: CudaDType + DeviceRepr>(
     }
     table.extend(ends);
     let total = total as usize;
+    if total == 0 {
+        // CUDA allocates no empty buffers (and `Tensor::cat` would fail too).
+        candle_core::bail!("{WHAT}: no elements to gather");
+    }
     // SAFETY: the kernel below writes every element (one thread each).
     let out = unsafe { device.alloc::<T>(total)? };
-    if total > 0 {
+    {
         let table = stream.clone_htod(&table[..]).w()?;
         let segments = tensors.len() as i32;
         let name = match std::mem::size_of::<T>() {

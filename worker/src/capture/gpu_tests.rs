@@ -439,24 +439,20 @@ fn cuda_gather_equals_concatenation_bit_for_bit() {
     use candle_core::Tensor;
     let gpu = cuda();
     for dtype in [DType::F32, DType::BF16, DType::F16] {
-        // Whole tensors, contiguous views at an offset (a narrowed row of a
-        // norm pair's output, as residual records are), an empty one, and
-        // a residual decode step's 53 records of gemma-2-2b's width.
+        // Whole tensors, a contiguous view at an offset (rows of a norm
+        // pair's output, as residual records are), an empty view (CUDA
+        // allocates no empty buffers), and a residual decode step's 53
+        // records of gemma-2-2b's width.
         let pair = random(&[2, 3, 2304], 1, 1.0).to_dtype(dtype).unwrap();
-        let mut sources: Vec<Tensor> = vec![
-            random(&[5], 2, 1.0).to_dtype(dtype).unwrap(),
-            pair.get(1)
-                .unwrap()
-                .narrow(0, 1, 2)
-                .unwrap()
-                .flatten_all()
-                .unwrap(),
-            Tensor::zeros(0, dtype, &Device::Cpu).unwrap(),
-            random(&[7], 3, 1.0).to_dtype(dtype).unwrap(),
-        ];
+        let view = |t: &Tensor| t.get(1)?.narrow(0, 1, 2)?.flatten_all();
+        let mut sources = vec![random(&[5], 2, 1.0).to_dtype(dtype).unwrap()];
         sources.extend((0..53).map(|i| random(&[2304], 10 + i, 1.0).to_dtype(dtype).unwrap()));
+        let mut on_gpu: Vec<Tensor> = sources.iter().map(|t| t.to_device(&gpu).unwrap()).collect();
+        sources.insert(1, view(&pair).unwrap());
+        on_gpu.insert(1, view(&pair.to_device(&gpu).unwrap()).unwrap());
+        sources.insert(2, sources[0].narrow(0, 5, 0).unwrap());
+        on_gpu.insert(2, on_gpu[0].narrow(0, 5, 0).unwrap());
         let want = Tensor::cat(&sources, 0).unwrap();
-        let on_gpu: Vec<Tensor> = sources.iter().map(|t| t.to_device(&gpu).unwrap()).collect();
         let got = capture_kernels::gather(&on_gpu).unwrap();
         assert_eq!(got.dims(), want.dims());
         assert_eq!(got.dtype(), dtype);
@@ -466,11 +462,14 @@ fn cuda_gather_equals_concatenation_bit_for_bit() {
             "{dtype:?}"
         );
     }
-    // Mixed dtypes and host tensors are errors, not copies of the wrong bytes.
+    // Mixed dtypes, host tensors and nothing at all are errors, not copies
+    // of the wrong bytes.
     let a = Tensor::zeros(4, DType::F32, &gpu).unwrap();
     let b = Tensor::zeros(4, DType::BF16, &gpu).unwrap();
     assert!(capture_kernels::gather(&[a.clone(), b]).is_err());
     assert!(
         capture_kernels::gather(&[Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap()]).is_err()
     );
+    assert!(capture_kernels::gather(&[a.narrow(0, 0, 0).unwrap()]).is_err());
+    assert!(capture_kernels::gather(&[]).is_err());
 }
