@@ -39,6 +39,21 @@ pub struct Cli {
 }
 
 /// What `worker run --help` explains.
+const BENCH_LONG_ABOUT: &str = "Time plain generation and capture on random weights at real dimensions.\n\n\
+    Builds random weights at gemma-2-2b's dimensions (or --config's) on --device and times, best of \
+    --repeats: plain greedy generation with the KV cache, residual capture of every layer, internals \
+    capture of --layer, residual capture teacher-forced on the response just generated, and for each \
+    of --batch-sizes a plain batch and a residual-capture batch (with one more batch timed phase by \
+    phase: forward, to host, record, choose). It prints seconds per generated token, captured tokens \
+    per second, peak resident memory, capture's overhead over plain generation, the artifact's \
+    assembly and encoding time, and first the cost of one small operation on the device (a chain of \
+    2,000 on one row: on a GPU, what a kernel launch costs the host). With --compare-transformers the \
+    transformers reference runs the same shapes, prompt and tokens, and the table gets the ratios.\n\n\
+    To compare implementations in one sitting: CAPTURE_UNFUSED=1 uses candle's separate operations \
+    instead of the worker's fused ones; on a GPU, CAPTURE_CUDA_DEFAULTS=1 keeps the driver's memory \
+    pool release threshold and cudarc's per-allocation events. Results and the exact commands are \
+    recorded in docs/benchmarks.md.";
+
 const RUN_LONG_ABOUT: &str = "Pull capture jobs from a coordinator until stopped.\n\n\
     The model is loaded once; then the worker claims jobs for it (model id and --revision must match \
     the runs' model_id and model_revision), captures each job's prompts, uploads the .pt artifacts \
@@ -61,6 +76,7 @@ pub enum Command {
     #[command(long_about = RUN_LONG_ABOUT)]
     Run(RunArgs),
     /// Time plain generation and capture on random weights at real dimensions
+    #[command(long_about = BENCH_LONG_ABOUT)]
     Bench(BenchArgs),
 }
 
@@ -279,8 +295,10 @@ pub struct BenchArgs {
     /// Runs per workload; the best is reported
     #[arg(long, default_value_t = 1)]
     pub repeats: usize,
+    /// cpu, or cuda:N with a CUDA build
     #[arg(long, default_value = "cpu")]
     pub device: DeviceArg,
+    /// Compute dtype: f32 (default on cpu), bf16 (default on cuda) or f16
     #[arg(long, value_parser = parse_compute_dtype)]
     pub dtype: Option<DType>,
     /// Storage dtype of the random weight matrices, f32 or bf16; by default what loading the released (bf16) gemma-2-2b-it gives: bf16 on the CPU computing in f32 (widened exactly on the fly, half the bytes per step), else the compute dtype
@@ -350,5 +368,37 @@ impl BenchArgs {
                 threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_option_of_every_command_says_what_it_does() {
+        let mut cli = Cli::command();
+        cli.build();
+        cli.clone().debug_assert();
+        let mut undocumented = Vec::new();
+        for command in cli.get_subcommands() {
+            for arg in command.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    undocumented.push(format!("worker {} --{}", command.get_name(), arg.get_id()));
+                }
+            }
+        }
+        assert!(undocumented.is_empty(), "no help: {undocumented:?}");
+        let bench = cli.find_subcommand_mut("bench").unwrap();
+        let help = bench.render_long_help().to_string();
+        for switch in [
+            "CAPTURE_UNFUSED=1",
+            "CAPTURE_CUDA_DEFAULTS=1",
+            "docs/benchmarks.md",
+        ] {
+            assert!(help.contains(switch), "{switch} missing from:\n{help}");
+        }
     }
 }
