@@ -485,6 +485,26 @@ mod tests {
     }
 
     #[test]
+    fn every_option_of_every_command_says_what_it_does() {
+        let mut cli = Cli::command();
+        cli.build();
+        let mut undocumented = Vec::new();
+        let mut commands: Vec<(String, &clap::Command)> = vec![("coordinator".into(), &cli)];
+        while let Some((path, command)) = commands.pop() {
+            for arg in command.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    undocumented.push(format!("{path} --{}", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                commands.push((format!("{path} {}", sub.get_name()), sub));
+            }
+        }
+        assert!(undocumented.is_empty(), "no help: {undocumented:?}");
+    }
+
+    #[test]
     fn cli_definition_is_valid_and_parses_bench_defaults() {
         Cli::command().debug_assert();
         let cli = Cli::try_parse_from([
