@@ -84,7 +84,7 @@ impl DeviceArg {
 fn prepare_cuda(device: &Device) -> candle_core::Result<()> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(cuda) = device
-        && !std::env::var("CAPTURE_CUDA_DEFAULTS").is_ok_and(|v| !v.is_empty() && v != "0")
+        && !crate::model::fused::env_flag("CAPTURE_CUDA_DEFAULTS")
     {
         capture_kernels::device::prepare(cuda)?;
     }

@@ -393,8 +393,9 @@ fn records_to_host(out: BatchOutput) -> candle_core::Result<BatchOutput> {
 /// flattened into one buffer per dtype on its device ([`concatenate`]),
 /// copied once, and split back into views of the host copy. bf16 tensors
 /// travel as bf16 (half the bytes of f32) and are widened on the host as
-/// they are appended; other dtypes travel as f32. Each copy from a GPU synchronises,
-/// and every small tensor moved alone would cost a kernel and a copy.
+/// they are appended; other dtypes travel as f32. Each copy from a GPU
+/// synchronises, and every small tensor moved alone would cost a kernel and
+/// a copy.
 fn gather_to_host(out: BatchOutput) -> candle_core::Result<BatchOutput> {
     let wire = |t: &Tensor| match t.dtype() {
         DType::BF16 => DType::BF16,

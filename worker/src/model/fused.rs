@@ -18,8 +18,13 @@ use rayon::prelude::*;
 /// once per process).
 pub fn unfused() -> bool {
     static UNFUSED: OnceLock<bool> = OnceLock::new();
-    *UNFUSED
-        .get_or_init(|| std::env::var("CAPTURE_UNFUSED").is_ok_and(|v| !v.is_empty() && v != "0"))
+    *UNFUSED.get_or_init(|| env_flag("CAPTURE_UNFUSED"))
+}
+
+/// Whether the environment variable `name` is set to something other than
+/// empty or `0`.
+pub fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
 /// The elements of a contiguous layout; `what` names the operation.
