@@ -9,6 +9,7 @@ use std::process::Command;
 const KERNELS: &[&str] = &[
     "rms_norm",
     "attention_softmax",
+    "decode_attention",
     "rotary",
     "gelu_mul",
     "gather",

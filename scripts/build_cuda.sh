@@ -14,7 +14,7 @@
 # driver is found at run time. Kernels are built for compute capability 9.0
 # (H100, H200); set CUDA_COMPUTE_CAP for another card.
 #
-# Before building, the elementwise kernels run on the CPU against their
+# Before building, the kernels' bodies run on the CPU against their
 # references (scripts/check_kernels.sh); a mismatch stops the build.
 #
 # Outputs (stripped and xz-compressed, about 10 MB each, to travel to the

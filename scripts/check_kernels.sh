@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Runs the worker's elementwise CUDA kernels on the CPU, without a GPU:
-# kernels/tests/host_emulation.cu compiles the bodies of kernels/src/rotary.cu
-# and gelu_mul.cu for the host and runs every launch index against
-# references written apart from them (see that file). CI runs it, and so
+# Runs the worker's CUDA kernels' bodies on the CPU, without a GPU:
+# kernels/tests/host_emulation.cu compiles the bodies of kernels/src/rotary.cu,
+# gelu_mul.cu, gather.cu and decode_attention.cu for the host and runs every
+# launch index (or block, as threads) against references written apart from
+# them (see that file). CI runs it, and so
 # does scripts/build_cuda.sh before building.
 #
 #   bash scripts/check_kernels.sh
@@ -32,5 +33,5 @@ fi
 
 out=${CARGO_TARGET_DIR:-target}/host_emulation
 mkdir -p "$(dirname "$out")"
-"$cuda/bin/nvcc" -DCAPTURE_HOST_EMULATION -L"$cuda/lib" -o "$out" kernels/tests/host_emulation.cu
+"$cuda/bin/nvcc" -std=c++20 -DCAPTURE_HOST_EMULATION -L"$cuda/lib" -o "$out" kernels/tests/host_emulation.cu
 "$out"

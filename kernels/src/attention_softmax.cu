@@ -19,10 +19,7 @@
 template <typename T>
 __device__ __forceinline__ float capped(const T *raw, int i, float scale, float cap,
                                        float inv_cap, const float *mask) {
-    float s = widen(narrow_to<T>(widen(raw[i]) * scale));
-    if (cap > 0.0f) {
-        s = tanhf(s * inv_cap) * cap;
-    }
+    float s = scaled_score(raw[i], scale, cap, inv_cap);
     if (mask != nullptr) {
         s = s + mask[i];
     }

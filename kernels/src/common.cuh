@@ -40,10 +40,10 @@ __device__ __forceinline__ size_t global_index() {
 }
 
 struct Sum {
-    __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+    HOST_DEVICE float operator()(float a, float b) const { return a + b; }
 };
 struct Max {
-    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+    HOST_DEVICE float operator()(float a, float b) const { return fmaxf(a, b); }
 };
 
 // `op` over every thread's `v` in the block, returned to every thread.
@@ -66,4 +66,31 @@ __device__ __forceinline__ float block_reduce(float v, Op op, float identity) {
         v = op(v, __shfl_xor_sync(0xffffffff, v, offset));
     }
     return v;
+}
+
+// A CUDA block as the reductions' bodies see it (`decode_attention.cu`): its
+// threads, a barrier, and a reduction over them. Bodies written against
+// this also run on the host, where `kernels/tests/host_emulation.cu` gives
+// them a block of std::threads.
+struct DeviceBlock {
+    __device__ __forceinline__ int thread() const { return threadIdx.x; }
+    __device__ __forceinline__ int size() const { return blockDim.x; }
+    __device__ __forceinline__ void sync() const { __syncthreads(); }
+    template <typename Op>
+    __device__ __forceinline__ float reduce(float v, Op op, float identity) const {
+        return block_reduce(v, op, identity);
+    }
+};
+
+// An attention score from its raw q.k product (in the compute dtype T):
+// `T(raw * scale)` (the scale already rounded to T, as candle's affine takes
+// it), then soft-capped in f32 as `tanh(s / cap) * cap` when cap > 0
+// (`inv_cap` = 1 / cap).
+template <typename T>
+HOST_DEVICE float scaled_score(T raw, float scale, float cap, float inv_cap) {
+    float s = widen(narrow_to<T>(widen(raw) * scale));
+    if (cap > 0.0f) {
+        s = tanhf(s * inv_cap) * cap;
+    }
+    return s;
 }

@@ -9,6 +9,9 @@
 //!   (`rms_norm.cu`);
 //! - [`attention_softmax`]: the scaling, soft-capping, masking and softmax
 //!   of attention scores (`attention_softmax.cu`);
+//! - [`decode_attention`]: a decode step's whole attention over the KV
+//!   cache: the query-key products, the softmax above and the product with
+//!   the values (`decode_attention.cu`);
 //! - [`rotary_queries`], [`rotary_keys_values`]: the rotary embedding read
 //!   straight from the stacked q/k/v projection, the keys (with the values)
 //!   written into the KV cache in place (`rotary.cu`);
@@ -51,8 +54,28 @@ impl QkvHeads {
     }
 }
 
+/// Threads per block of the decode attention kernel.
+pub const DECODE_ATTENTION_BLOCK: usize = 512;
+
+/// Shared memory a block of the decode attention kernel has without
+/// opting in to more: 48 KiB on every CUDA device.
+const SHARED_BYTES: usize = 48 * 1024;
+
+/// The decode attention kernel's shared memory per block, for `ctx` keys of
+/// `d` elements: the row's scores, its query and the value sums' parts, in
+/// f32.
+pub fn decode_attention_shared_bytes(ctx: usize, d: usize) -> usize {
+    (ctx + d + DECODE_ATTENTION_BLOCK.max(d)) * 4
+}
+
+/// Whether the decode attention kernel takes `ctx` keys of `d` elements
+/// (gemma-2-2b: up to 11,520 keys; its context is 8,192).
+pub fn decode_attention_fits(ctx: usize, d: usize) -> bool {
+    decode_attention_shared_bytes(ctx, d) <= SHARED_BYTES
+}
+
 #[cfg(feature = "cuda")]
 pub use launch::{
-    attention_softmax, gather, gelu_mul, rms_norm, rms_norm_add_norm, rotary_keys_values,
-    rotary_queries,
+    attention_softmax, decode_attention, gather, gelu_mul, rms_norm, rms_norm_add_norm,
+    rotary_keys_values, rotary_queries,
 };

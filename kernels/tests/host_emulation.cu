@@ -1,21 +1,25 @@
-// The elementwise kernels' bodies (rotary.cu, gelu_mul.cu, gather.cu) run on the host,
-// element by element, against references written independently of them: a
-// check of their indexing and arithmetic for a machine without a GPU.
+// The kernels' bodies (rotary.cu, gelu_mul.cu, gather.cu element by element;
+// decode_attention.cu a block at a time, its threads std::threads) run on the
+// host against references written independently of them: a check of their
+// indexing and arithmetic for a machine without a GPU.
 // `scripts/check_kernels.sh` (CI, and scripts/build_cuda.sh) compiles and
 // runs it with nvcc:
 //
-//   nvcc -DCAPTURE_HOST_EMULATION -L$CUDA_HOME/lib -o host_emulation \
+//   nvcc -std=c++20 -DCAPTURE_HOST_EMULATION -L$CUDA_HOME/lib -o host_emulation \
 //       kernels/tests/host_emulation.cu && ./host_emulation
 //
 // Each launch is emulated as the worker launches it (one call per index
 // below the element count the launch code computes); outputs start as NaN
 // so that an element no index writes is caught, and a cache buffer's other
 // columns must keep their values. Exit status 0 when every check passes.
+#include <barrier>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <thread>
 #include <vector>
 
+#include "../src/decode_attention.cu"
 #include "../src/gather.cu"
 #include "../src/gelu_mul.cu"
 #include "../src/rotary.cu"
@@ -156,6 +160,115 @@ template <typename T> static void gather_case(const char *name, std::vector<size
     }
 }
 
+// A block of `size` std::threads as decode_attention.cu's body sees it: a
+// barrier, and a reduction each thread computes over every thread's value
+// (in thread order, where the GPU's goes by warps).
+struct HostBlock {
+    int id, count;
+    std::barrier<> *barrier;
+    std::vector<float> *slots;
+    int thread() const { return id; }
+    int size() const { return count; }
+    void sync() const { barrier->arrive_and_wait(); }
+    template <typename Op> float reduce(float v, Op op, float identity) const {
+        sync(); // every thread has read the slots of an earlier reduction
+        (*slots)[id] = v;
+        sync();
+        float r = identity;
+        for (const float x : *slots) {
+            r = op(r, x);
+        }
+        return r;
+    }
+};
+
+// Gemma-2's attention of `t` queries per sequence over a cache of `capacity`
+// columns (the first `ctx` read), keys and values in one buffer `[2, b,
+// kv_heads, capacity, d]` as the worker's cache holds them, with a window
+// mask (and sequence 1's first key padding) when `masked`; each row run as
+// a block of `threads`. The reference rounds where the kernel does, in
+// double arithmetic otherwise.
+template <typename T>
+static void decode_attention_case(const char *name, int b, int heads, int kv_heads, int t,
+                                  int ctx, int capacity, int d, bool masked, float cap,
+                                  int threads, float tolerance) {
+    const std::vector<T> q = values<T>((size_t)b * heads * t * d, 5);
+    const std::vector<T> buffer = values<T>(2 * (size_t)b * kv_heads * capacity * d, 6);
+    std::vector<float> mask;
+    if (masked) {
+        for (int bi = 0; bi < b; bi++)
+            for (int qi = 0; qi < t; qi++)
+                for (int j = 0; j < ctx; j++) {
+                    const int pos = ctx - t + qi;
+                    const bool visible = j <= pos && pos - j < 5 && !(bi == 1 && j == 0);
+                    mask.push_back(visible ? 0.0f : -INFINITY);
+                }
+    }
+    const long long head = (long long)capacity * d;
+    const float scale = widen(narrow_to<T>(0.0625f));
+    const AttentionShape s{(long long)kv_heads * head, head, d,     (long long)kv_heads * head,
+                           head, d, heads, kv_heads, t, ctx, d, scale, cap};
+    const T *k = buffer.data();
+    const T *v = buffer.data() + (size_t)b * kv_heads * capacity * d;
+    std::vector<T> out((size_t)b * t * heads * d, nan_value<T>());
+    const int rows = b * heads * t;
+    for (int row = 0; row < rows; row++) {
+        std::vector<float> shared(ctx + d + std::max(threads, d), NAN);
+        std::vector<float> slots(threads);
+        std::barrier<> barrier(threads);
+        std::vector<std::thread> block;
+        for (int id = 0; id < threads; id++) {
+            block.emplace_back([&, id] {
+                const HostBlock h{id, threads, &barrier, &slots};
+                decode_attention_row(h, shared.data(), q.data(), k, v,
+                                     masked ? mask.data() : nullptr, out.data(), s, row);
+            });
+        }
+        for (auto &thread : block) {
+            thread.join();
+        }
+    }
+    const int groups = heads / kv_heads;
+    for (int bi = 0; bi < b; bi++)
+        for (int h = 0; h < heads; h++)
+            for (int qi = 0; qi < t; qi++) {
+                const T *qr = &q[(((size_t)bi * heads + h) * t + qi) * d];
+                const size_t base = ((size_t)bi * kv_heads + h / groups) * head;
+                std::vector<double> p(ctx);
+                double max = -INFINITY, sum = 0;
+                for (int j = 0; j < ctx; j++) {
+                    double dot = 0;
+                    for (int i = 0; i < d; i++) {
+                        dot += (double)widen(qr[i]) * widen(k[base + (size_t)j * d + i]);
+                    }
+                    double x = widen(narrow_to<T>(widen(narrow_to<T>((float)dot)) * scale));
+                    if (cap > 0) {
+                        x = std::tanh(x / cap) * cap;
+                    }
+                    if (masked) {
+                        x += mask[((size_t)bi * t + qi) * ctx + j];
+                    }
+                    p[j] = x;
+                    max = std::max(max, x);
+                }
+                for (int j = 0; j < ctx; j++) {
+                    p[j] = std::exp(p[j] - max);
+                    sum += p[j];
+                }
+                for (int i = 0; i < d; i++) {
+                    double acc = 0;
+                    for (int j = 0; j < ctx; j++) {
+                        acc += (double)widen(narrow_to<T>((float)(p[j] / sum))) *
+                               widen(v[base + (size_t)j * d + i]);
+                    }
+                    const size_t at = (((size_t)bi * t + qi) * heads + h) * d + i;
+                    const float got = widen(out[at]), want = (float)acc;
+                    check(std::fabs(got - want) <= tolerance * (std::fabs(want) + 0.05f), name,
+                          (int)at, got, want);
+                }
+            }
+}
+
 int main() {
     // A prompt pass (padded batch, tables per sequence), a decode step with
     // gemma-2-2b's heads and a shared table, and odd sizes.
@@ -172,10 +285,21 @@ int main() {
     gather_case<uint32_t>("gather u32, gemma-2-2b residual decode step",
                           std::vector<size_t>(53, 2304));
     gather_case<uint32_t>("gather u32, empty first and last", {0, 3, 2, 0});
+    // gemma-2-2b's heads at a decode step (its block of 512 threads), a
+    // padded and windowed batch with a few queries each, more of d than
+    // threads, and more threads than keys.
+    decode_attention_case<float>("decode attention f32, gemma-2-2b step", 1, 8, 4, 1, 37, 40,
+                                 256, false, 50.0f, 512, 1e-5f);
+    decode_attention_case<float>("decode attention f32, masked batch", 2, 4, 2, 3, 11, 16, 8,
+                                 true, 50.0f, 64, 1e-5f);
+    decode_attention_case<__nv_bfloat16>("decode attention bf16, masked batch", 2, 8, 4, 2, 9,
+                                         12, 256, true, 50.0f, 64, 1.0f / 64);
+    decode_attention_case<__half>("decode attention f16, no cap, wide block", 1, 2, 1, 1, 3,
+                                  3, 16, false, 0.0f, 96, 1.0f / 512);
     if (failures > 0) {
         std::printf("host emulation: %d mismatches\n", failures);
         return 1;
     }
-    std::printf("host emulation: rotary, gelu-mul and gather kernels match their references\n");
+    std::printf("host emulation: rotary, gelu-mul, gather and decode attention kernels match their references\n");
     return 0;
 }

@@ -1,9 +1,11 @@
 //! Launching the kernels on candle's CUDA storage.
 
+mod decode_attention;
 mod elementwise;
 mod gather;
 mod reductions;
 
+pub use decode_attention::decode_attention;
 pub use elementwise::{gelu_mul, rotary_keys_values, rotary_queries};
 pub use gather::gather;
 pub use reductions::{attention_softmax, rms_norm, rms_norm_add_norm};
@@ -22,6 +24,10 @@ const RMS_NORM: Module = (
 const ATTENTION_SOFTMAX: Module = (
     "capture_attention_softmax",
     include_str!(concat!(env!("OUT_DIR"), "/attention_softmax.ptx")),
+);
+const DECODE_ATTENTION: Module = (
+    "capture_decode_attention",
+    include_str!(concat!(env!("OUT_DIR"), "/decode_attention.ptx")),
 );
 const ROTARY: Module = (
     "capture_rotary",

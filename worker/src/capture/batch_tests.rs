@@ -49,6 +49,15 @@ pub(super) fn everything(layers: usize) -> CaptureRequest {
     }
 }
 
+/// A short prompt and one longer than the fixture's sliding window.
+fn short_and_long(meta: &ModelMeta) -> (Vec<u32>, Vec<u32>) {
+    let encode = |text: &str| meta.tokenizer.encode_prompt(text).unwrap();
+    (
+        encode("Hi"),
+        encode("Write a long and careful answer about bridges, tunnels and their builders."),
+    )
+}
+
 fn assert_rows_close(what: &str, a: &Rows, b: &Rows) {
     assert_eq!(a.width, b.width, "{what}: width");
     assert_eq!(a.data.len(), b.data.len(), "{what}: positions");
@@ -57,7 +66,13 @@ fn assert_rows_close(what: &str, a: &Rows, b: &Rows) {
         .iter()
         .zip(&b.data)
         .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
-        .fold(0f32, f32::max);
+        .fold(0f32, |worst, d| {
+            if d.is_nan() {
+                f32::INFINITY
+            } else {
+                worst.max(d)
+            }
+        });
     assert!(worst < 1e-4, "{what}: relative difference {worst}");
 }
 
@@ -180,17 +195,75 @@ pub(super) fn batched_equals_one_at_a_time(meta: &ModelMeta, model: &Gemma2) {
     }
 }
 
+/// Decode steps computing their attention as one operation (as on a GPU)
+/// capture what the separate operations capture, in a padded batch that
+/// passes the sliding window; layers recording attention probabilities
+/// keep the separate operations in the same passes.
+#[test]
+fn one_operation_decode_attention_captures_what_separate_operations_do() {
+    let (meta, model) = tiny_on(&Device::Cpu, DType::F32);
+    let fused = model.clone().with_decode_attention_on_cpu();
+    let (short, long) = short_and_long(&meta);
+    let greedy = Sampling::Greedy;
+    let generate = |prompt_key| ResponsePlan::Generate {
+        sampling: &greedy,
+        max_new_tokens: 9,
+        eos_ids: &[],
+        prompt_key,
+    };
+    let replay = [5u32, 6, 7, 8];
+    let items = [
+        BatchItem {
+            prompt_ids: &long,
+            plan: generate("t/1"),
+        },
+        BatchItem {
+            prompt_ids: &short,
+            plan: generate("t/2"),
+        },
+        BatchItem {
+            prompt_ids: &short,
+            plan: ResponsePlan::Replay(&replay),
+        },
+    ];
+    let layers = meta.config.num_hidden_layers;
+    let residual = LayerWants {
+        residual: true,
+        projections: true,
+        ..LayerWants::default()
+    };
+    let request = CaptureRequest {
+        layers: (0..layers)
+            .map(|l| LayerWants {
+                attention_mean: l == 1,
+                ..residual
+            })
+            .collect(),
+    };
+    let run = |model| capture_batch(model, &items, &request, &mut |_| {}).unwrap();
+    let (one, separate) = (run(&fused), run(&model));
+    assert!(one[0].prompt_ids.len() + 9 > meta.config.sliding_window);
+    for (i, (o, s)) in one.iter().zip(&separate).enumerate() {
+        assert_eq!(o.response_ids.len(), s.response_ids.len(), "item {i}");
+        assert_traces_close(&format!("item {i}"), o, s);
+    }
+    // And they are not the same bits: the operation was used.
+    let differs = one.iter().zip(&separate).any(|(o, s)| {
+        o.layers
+            .iter()
+            .zip(&s.layers)
+            .any(|(a, b)| a.residual_out.data != b.residual_out.data)
+    });
+    assert!(differs, "decode steps used the separate operations");
+}
+
 /// Greedy tokens chosen where the logits are (what a GPU does) are the
 /// host's choices, and the traces are the same bits; the CPU runs the device
 /// path here by being told to. A sampled item in the batch still samples.
 #[test]
 fn tokens_chosen_on_the_device_are_the_hosts() {
     let (meta, model) = tiny_on(&Device::Cpu, DType::F32);
-    let encode = |text: &str| meta.tokenizer.encode_prompt(text).unwrap();
-    let (short, long) = (
-        encode("Hi"),
-        encode("Write a long and careful answer about bridges, tunnels and their builders."),
-    );
+    let (short, long) = short_and_long(&meta);
     let greedy = Sampling::Greedy;
     let sampled = Sampling::Temperature {
         temperature: 0.8,
@@ -278,11 +351,7 @@ fn bf16_stored_weights_capture_what_their_f32_widening_captures() {
     assert_eq!(model.matrix_dtype(), DType::BF16);
     let reference = Gemma2::new(&meta.config, widened).unwrap();
     assert_eq!(reference.matrix_dtype(), DType::F32);
-    let encode = |text: &str| meta.tokenizer.encode_prompt(text).unwrap();
-    let (short, long) = (
-        encode("Hi"),
-        encode("Write a long and careful answer about bridges, tunnels and their builders."),
-    );
+    let (short, long) = short_and_long(&meta);
     let greedy = Sampling::Greedy;
     let generate = |prompt_key| ResponsePlan::Generate {
         sampling: &greedy,

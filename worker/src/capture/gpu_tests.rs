@@ -1,7 +1,7 @@
 //! The engine on a CUDA GPU (`--features cuda`, run on a machine with one):
-//! capture in f32 and bf16 against the CPU in f32, batched against
-//! one-at-a-time on the GPU, and the device memory read for
-//! `--batch-size auto`. Run with `--nocapture` to see the measured errors.
+//! capture in f32 and bf16 against the CPU in f32, the worker's kernels
+//! against their CPU references, batched against one-at-a-time on the GPU,
+//! and the device memory read for `--batch-size auto`. Run with `--nocapture` to see the measured errors.
 
 use candle_core::{DType, Device};
 
@@ -281,6 +281,7 @@ fn cuda_fused_norms_match_the_cpu() {
 #[test]
 fn cuda_fused_attention_softmax_matches_the_cpu() {
     use crate::model::attention_softmax::AttentionSoftmax;
+    use crate::model::fused::tests::window_mask;
     use candle_core::Tensor;
     let gpu = cuda();
     // A decode step, a prompt pass with padding and a window, a long context.
@@ -295,17 +296,7 @@ fn cuda_fused_attention_softmax_matches_the_cpu() {
             .map(|i| (((i as u64 + 1) * (seed * 7919 + 13)) % 2000) as f32 / 4.0 - 250.0)
             .collect();
         let raw = Tensor::from_vec(raw, shape.as_slice(), &Device::Cpu).unwrap();
-        let mut mask = Vec::with_capacity(b * t * ctx);
-        for i in 0..b {
-            for q in 0..t {
-                let pos = ctx - t + q;
-                for k in 0..ctx {
-                    let visible = k <= pos && pos - k < 4096 && !(i == 1 && k < 2);
-                    mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
-                }
-            }
-        }
-        let mask = Tensor::from_vec(mask, (b, 1, t, ctx), &Device::Cpu).unwrap();
+        let mask = window_mask(b, t, ctx, 4096, 2);
         let gpu_mask = mask.to_device(&gpu).unwrap();
         for cap in [Some(50.0), None] {
             let op = AttentionSoftmax {
@@ -339,6 +330,78 @@ fn cuda_fused_attention_softmax_matches_the_cpu() {
             }
         }
     }
+}
+
+#[test]
+fn cuda_decode_attention_matches_the_cpu() {
+    use crate::model::attention_softmax::AttentionSoftmax;
+    use crate::model::decode_attention::DecodeAttention;
+    use crate::model::fused::tests::{random, window_mask};
+    use candle_core::{IndexOp, Tensor};
+    let gpu = cuda();
+    // Keys and values as the cache holds them: views of a buffer `[2, b,
+    // kv_heads, capacity, d]` with room to spare.
+    let views = |buffer: &Tensor, ctx: usize| {
+        let view = |i: usize| buffer.i(i).unwrap().narrow(2, 0, ctx).unwrap();
+        (view(0), view(1))
+    };
+    // gemma-2-2b's heads: a decode step, a batch of two queries each with
+    // padding, a context near the model's 8,192.
+    for ([b, t, ctx], seed) in [([1, 1, 600], 1u64), ([4, 2, 37], 2), ([2, 1, 8000], 3)] {
+        let (heads, kv_heads, d) = (8, 4, 256);
+        let buffer = random(&[2, b, kv_heads, ctx + 5, d], seed, 1.0);
+        let q = random(&[b, heads, t, d], seed + 10, 2.0);
+        let mask = window_mask(b, t, ctx, 4096, 2);
+        let gpu_mask = mask.to_device(&gpu).unwrap();
+        for cap in [Some(50.0), None] {
+            let op = DecodeAttention {
+                softmax: AttentionSoftmax {
+                    scale: 256f64.powf(-0.5),
+                    cap,
+                },
+            };
+            for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 8e-3), (DType::F16, 2e-3)]
+            {
+                let (q, buffer) = (q.to_dtype(dtype).unwrap(), buffer.to_dtype(dtype).unwrap());
+                let gpu_q = q.to_device(&gpu).unwrap();
+                let gpu_buffer = buffer.to_device(&gpu).unwrap();
+                let ((k, v), (gk, gv)) = (views(&buffer, ctx), views(&gpu_buffer, ctx));
+                for masked in [false, true] {
+                    let (m, gm) = match masked {
+                        true => (Some(&mask), Some(&gpu_mask)),
+                        false => (None, None),
+                    };
+                    let kernel = host_values(op.forward(&gpu_q, &gk, &gv, gm).unwrap());
+                    let cpu = host_values(op.forward(&q, &k, &v, m).unwrap());
+                    let separate = host_values(op.candle_ops(&gpu_q, &gk, &gv, gm).unwrap());
+                    let (error, against_separate) =
+                        (norm_error(&kernel, &cpu), norm_error(&kernel, &separate));
+                    eprintln!(
+                        "decode attention b {b} t {t} ctx {ctx} {dtype:?}, cap {cap:?}, mask {masked}: {error:.2e} against the CPU, {against_separate:.2e} against the GPU's separate operations"
+                    );
+                    let what = format!("b {b} t {t} ctx {ctx} {dtype:?} {cap:?} {masked}");
+                    assert!(error < tolerance, "{what}");
+                    assert!(against_separate < tolerance, "{what}");
+                }
+            }
+        }
+    }
+    // A context past the kernel's shared memory is an error, not a launch
+    // (the model uses the separate operations there).
+    assert!(!DecodeAttention::fits(12_000, 256));
+    let buffer = random(&[2, 1, 1, 12_000, 256], 4, 1.0)
+        .to_device(&gpu)
+        .unwrap();
+    let (k, v) = views(&buffer, 12_000);
+    let q = random(&[1, 2, 1, 256], 5, 1.0).to_device(&gpu).unwrap();
+    let op = DecodeAttention {
+        softmax: AttentionSoftmax {
+            scale: 1.0,
+            cap: None,
+        },
+    };
+    let error = op.forward(&q, &k, &v, None).unwrap_err().to_string();
+    assert!(error.contains("shared memory"), "{error}");
 }
 
 #[test]

@@ -150,8 +150,6 @@ impl Op {
         let raw = contiguous(scores.0.as_slice::<T>()?, scores.1, NAME)?;
         let ctx = *scores.1.dims().last().unwrap_or(&0);
         let mut probs = vec![0f32; raw.len()];
-        // candle's affine takes its factors in the tensor's dtype and
-        // computes `v * mul + add`.
         let scale = T::from_f64(self.params.scale);
         let cap = self.params.cap.map(|cap| ((1.0 / cap) as f32, cap as f32));
         for_each_row(raw, &mut probs, ctx, |r, raw, p| {
@@ -160,10 +158,7 @@ impl Op {
                 &m[(batch * t + query) * ctx..][..ctx]
             });
             for (i, (&v, p)) in raw.iter().zip(p.iter_mut()).enumerate() {
-                let mut s = (v * scale + T::zero()).to_f64() as f32;
-                if let Some((inv, cap)) = cap {
-                    s = ((s * inv + 0.0).tanh()) * cap + 0.0;
-                }
+                let mut s = score(v, scale, cap);
                 if let Some(mask) = mask {
                     s += mask[i];
                 }
@@ -180,6 +175,18 @@ impl Op {
             }
         });
         Ok(probs)
+    }
+}
+
+/// One raw q.k product `raw` as a score, as candle's operations compute
+/// it: `T(raw * scale)` (candle's affine takes its factors in the tensor's
+/// dtype and computes `v * mul + add`), then in f32 `tanh(s * inv) * cap`
+/// when `cap` is `(1 / cap, cap)`.
+pub(super) fn score<T: WithDType>(raw: T, scale: T, cap: Option<(f32, f32)>) -> f32 {
+    let s = (raw * scale + T::zero()).to_f64() as f32;
+    match cap {
+        Some((inv, cap)) => ((s * inv + 0.0).tanh()) * cap + 0.0,
+        None => s,
     }
 }
 
@@ -233,31 +240,16 @@ impl CustomOp2 for Op {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::{DType, Tensor};
 
-    use crate::model::fused::tests::random;
+    use crate::model::fused::tests::{random, values, window_mask};
 
     use super::AttentionSoftmax;
 
     /// A causal mask with a window of 3 and the first key of batch item 1
     /// padding.
     fn mask(b: usize, t: usize, ctx: usize) -> Tensor {
-        let mut m = Vec::new();
-        for i in 0..b {
-            for q in 0..t {
-                let pos = ctx - t + q;
-                for k in 0..ctx {
-                    let visible = k <= pos && pos - k < 3 && !(i == 1 && k == 0);
-                    m.push(if visible { 0f32 } else { f32::NEG_INFINITY });
-                }
-            }
-        }
-        Tensor::from_vec(m, (b, 1, t, ctx), &Device::Cpu).unwrap()
-    }
-
-    fn values(t: &Tensor) -> Vec<f32> {
-        let t = t.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
-        t.to_vec1::<f32>().unwrap()
+        window_mask(b, t, ctx, 3, 1)
     }
 
     /// Every element of `got` within `relative` of `want` (plus 2e-7 for

@@ -97,6 +97,29 @@ pub mod tests {
             .unwrap()
     }
 
+    /// Every element as f32, flattened.
+    pub fn values(t: &Tensor) -> Vec<f32> {
+        let t = t.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
+        t.to_vec1::<f32>().unwrap()
+    }
+
+    /// An additive attention mask `[b, 1, t, ctx]` on the CPU: the last `t`
+    /// of `ctx` positions as queries, each seeing itself and the `window - 1`
+    /// keys before it, except batch item 1's first `padding` keys.
+    pub fn window_mask(b: usize, t: usize, ctx: usize, window: usize, padding: usize) -> Tensor {
+        let mut m = Vec::with_capacity(b * t * ctx);
+        for i in 0..b {
+            for q in 0..t {
+                let pos = ctx - t + q;
+                for k in 0..ctx {
+                    let visible = k <= pos && pos - k < window && !(i == 1 && k < padding);
+                    m.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+                }
+            }
+        }
+        Tensor::from_vec(m, (b, 1, t, ctx), &candle_core::Device::Cpu).unwrap()
+    }
+
     /// Every element's f32 bits, to compare tensors bit for bit.
     pub fn bits(t: &Tensor) -> Vec<u32> {
         t.flatten_all()

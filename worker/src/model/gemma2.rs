@@ -10,6 +10,7 @@ use candle_nn::Embedding;
 use super::attention_softmax::AttentionSoftmax;
 use super::cache::{KvCache, PassLayout};
 use super::config::{Gemma2Config, LayerKind};
+use super::decode_attention::DecodeAttention;
 use super::gelu_mul::{gelu_and_up, gelu_mul};
 use super::norm::{NormPair, RmsNorm};
 use super::rotary::{PassRotary, QkvHeads, Rotary};
@@ -222,20 +223,26 @@ impl Attention {
         let q = pass.rotary.queries(&qkv, qkv_heads)?;
         let (k, v) = pass.rotary.keys_values(&qkv, qkv_heads, cache, layer)?;
         let context = k.dim(2)?;
+        let mask = match self.window {
+            Some(_) => pass.sliding_mask.as_ref(),
+            None => pass.full_mask.as_ref(),
+        };
+        // f32 probabilities when they are recorded, else straight in the
+        // compute dtype for the product with the values.
+        let recorded = wants.attention_heads || wants.attention_mean;
+        if pass.decode_attention && !recorded && DecodeAttention::fits(context, self.head_dim) {
+            let decode = DecodeAttention {
+                softmax: self.softmax,
+            };
+            return self.o_proj.forward(&decode.forward(&q, &k, &v, mask)?);
+        }
 
         // Grouped-query attention without copying keys: the query heads that
         // share a key/value head are stacked along the row axis.
         let groups = self.heads / self.kv_heads;
         let q = q.reshape((b, self.kv_heads, groups * t, self.head_dim))?;
         let scores = q.matmul(&k.t()?)?.reshape((b, self.heads, t, context))?;
-        let mask = match self.window {
-            Some(_) => pass.sliding_mask.as_ref(),
-            None => pass.full_mask.as_ref(),
-        };
-        // Scaling, soft-capping, the mask and the softmax in one operation;
-        // f32 probabilities when they are recorded, else straight in the
-        // compute dtype for the product with the values.
-        let recorded = wants.attention_heads || wants.attention_mean;
+        // Scaling, soft-capping, the mask and the softmax in one operation.
         let out = if recorded { DType::F32 } else { v.dtype() };
         let probs = self.softmax.forward(&scores, mask, out)?;
         if wants.attention_heads {
@@ -456,6 +463,9 @@ pub struct Gemma2 {
     cfg: Gemma2Config,
     dtype: DType,
     device: Device,
+    /// Whether decode steps use [`DecodeAttention`] on the CPU too (tests;
+    /// it is for CUDA devices).
+    decode_attention_on_cpu: bool,
 }
 
 impl Gemma2 {
@@ -489,7 +499,16 @@ impl Gemma2 {
             cfg: cfg.clone(),
             dtype: weights.dtype(),
             device: weights.device().clone(),
+            decode_attention_on_cpu: false,
         })
+    }
+
+    /// Makes decode steps compute their attention as one operation on the
+    /// CPU too, as they do on a GPU (see [`DecodeAttention`]).
+    #[cfg(test)]
+    pub(crate) fn with_decode_attention_on_cpu(mut self) -> Self {
+        self.decode_attention_on_cpu = true;
+        self
     }
 
     pub fn config(&self) -> &Gemma2Config {
@@ -560,6 +579,11 @@ impl Gemma2 {
                 .for_pass(b, layout.start, t, positions.as_ref())?,
             full_mask: cache.mask(&layout, None, &self.device)?,
             sliding_mask: cache.mask(&layout, Some(self.cfg.sliding_window), &self.device)?,
+            decode_attention: DecodeAttention::applies_to_pass(
+                &self.device,
+                t,
+                self.decode_attention_on_cpu,
+            ),
         };
         // The embedding may be stored in bf16 (see `weights::keeps_bf16`).
         let xs = self.embed_tokens.forward(&ids)?.to_dtype(self.dtype)?;
@@ -607,6 +631,9 @@ struct PassContext {
     rotary: PassRotary,
     full_mask: Option<Tensor>,
     sliding_mask: Option<Tensor>,
+    /// Whether the layers whose attention probabilities are not recorded
+    /// compute their attention as one operation (see [`DecodeAttention`]).
+    decode_attention: bool,
 }
 
 /// Whether a pass computes the logits at each sequence's last position

@@ -4,6 +4,7 @@ pub mod attention_softmax;
 pub mod bf16_weights;
 pub mod cache;
 pub mod config;
+pub mod decode_attention;
 pub mod fused;
 pub mod gelu_mul;
 pub mod gemma2;

@@ -1,0 +1,204 @@
+//! A decode step's attention over the KV cache in one kernel
+//! (`decode_attention.cu`).
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{CudaStorage, DType, Layout, WithDType};
+use half::{bf16, f16};
+
+use super::{DECODE_ATTENTION, view};
+use crate::{DECODE_ATTENTION_BLOCK, decode_attention_fits, decode_attention_shared_bytes};
+
+const WHAT: &str = "decode-attention";
+
+/// `AttentionShape` of `decode_attention.cu`, passed by value.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct AttentionShape {
+    k_batch: i64,
+    k_head: i64,
+    k_column: i64,
+    v_batch: i64,
+    v_head: i64,
+    v_column: i64,
+    heads: i32,
+    kv_heads: i32,
+    t: i32,
+    ctx: i32,
+    d: i32,
+    scale: f32,
+    cap: f32,
+}
+
+// SAFETY: plain `#[repr(C)]` data laid out as the kernel's `AttentionShape`
+// (six long longs, five ints, two floats), with no pointers.
+unsafe impl DeviceRepr for AttentionShape {}
+
+/// Gemma-2's attention of the queries `q` (`[b, heads, t, d]`, contiguous)
+/// over the keys `k` and values `v` (`[b, kv_heads, ctx, d]` each, views
+/// with a unit stride on `d`, such as the KV cache's): per query row the
+/// scores `T(T(q.k) * T(scale))`, soft-capped in f32 as `tanh(s / cap) *
+/// cap` when `cap` is given, plus the f32 `mask` (`[b, 1, t, ctx]`) when
+/// given, their softmax in f32 rounded to T, and its product with the
+/// values; a new storage `[b, t, heads * d]` (the heads side by side, as
+/// the output projection reads them). f32, bf16 or f16; `ctx` and `d` must
+/// fit the kernel's shared memory ([`crate::decode_attention_fits`]).
+pub fn decode_attention(
+    q: (&CudaStorage, &Layout),
+    k: (&CudaStorage, &Layout),
+    v: (&CudaStorage, &Layout),
+    mask: Option<(&CudaStorage, &Layout)>,
+    scale: f64,
+    cap: Option<f64>,
+) -> candle_core::Result<CudaStorage> {
+    let &[b, heads, t, d] = q.1.dims() else {
+        candle_core::bail!("{WHAT}: queries {:?}, not [b, heads, t, d]", q.1.dims());
+    };
+    let &[kb, kv_heads, ctx, kd] = k.1.dims() else {
+        candle_core::bail!("{WHAT}: keys {:?}, not [b, kv_heads, ctx, d]", k.1.dims());
+    };
+    if kb != b
+        || kd != d
+        || v.1.dims() != k.1.dims()
+        || kv_heads == 0
+        || !heads.is_multiple_of(kv_heads)
+        || k.0.dtype() != q.0.dtype()
+        || v.0.dtype() != q.0.dtype()
+    {
+        candle_core::bail!(
+            "{WHAT}: keys {:?} {:?} and values {:?} {:?} for queries {:?} {:?}",
+            k.0.dtype(),
+            k.1.dims(),
+            v.0.dtype(),
+            v.1.dims(),
+            q.0.dtype(),
+            q.1.dims()
+        );
+    }
+    if let Some(m) = mask
+        && (m.1.dims() != [b, 1, t, ctx] || m.0.dtype() != DType::F32)
+    {
+        candle_core::bail!(
+            "{WHAT}: mask {:?} {:?} for {t} queries over {ctx} keys",
+            m.0.dtype(),
+            m.1.dims()
+        );
+    }
+    if !decode_attention_fits(ctx, d) {
+        candle_core::bail!(
+            "{WHAT}: {ctx} keys of {d} need {} bytes of shared memory, more than a block has",
+            decode_attention_shared_bytes(ctx, d)
+        );
+    }
+    let args = Args { mask, scale, cap };
+    match q.0.dtype() {
+        DType::F32 => args.launch::<f32>("f32", q, k, v),
+        DType::BF16 => args.launch::<bf16>("bf16", q, k, v),
+        DType::F16 => args.launch::<f16>("f16", q, k, v),
+        other => candle_core::bail!("{WHAT}: unsupported dtype {other:?}"),
+    }
+}
+
+struct Args<'a> {
+    mask: Option<(&'a CudaStorage, &'a Layout)>,
+    scale: f64,
+    cap: Option<f64>,
+}
+
+/// The part of `storage` from `layout`'s start, and the (batch, head,
+/// column) strides, checking that every element the layout reaches is in
+/// it and that `d` is its unit-stride last axis.
+fn strided<'a, T: CudaDType + DeviceRepr>(
+    (storage, layout): (&'a CudaStorage, &Layout),
+) -> candle_core::Result<(
+    candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>,
+    [i64; 3],
+)> {
+    let slice = storage.as_cuda_slice::<T>()?;
+    let (dims, stride, start) = (layout.dims(), layout.stride(), layout.start_offset());
+    if stride[3] != 1 && dims[3] > 1 {
+        candle_core::bail!("{WHAT}: keys and values need a unit stride on d, not {stride:?}");
+    }
+    let last: usize = dims.iter().zip(stride).map(|(n, s)| (n - 1) * s).sum();
+    if start + last >= slice.len() {
+        candle_core::bail!(
+            "{WHAT}: a layout {dims:?} {stride:?} from {start} reaches past {} elements",
+            slice.len()
+        );
+    }
+    let strides = [stride[0] as i64, stride[1] as i64, stride[2] as i64];
+    Ok((slice.slice(start..), strides))
+}
+
+impl Args<'_> {
+    fn launch<T: CudaDType + DeviceRepr + WithDType>(
+        &self,
+        suffix: &str,
+        q: (&CudaStorage, &Layout),
+        k: (&CudaStorage, &Layout),
+        v: (&CudaStorage, &Layout),
+    ) -> candle_core::Result<CudaStorage> {
+        let dims = q.1.dims();
+        let (b, heads, t, d) = (dims[0], dims[1], dims[2], dims[3]);
+        let (kv_heads, ctx) = (k.1.dims()[1], k.1.dims()[2]);
+        let dev = q.0.device().clone();
+        let queries = view::<T>(q, WHAT)?;
+        let (keys, ks) = strided::<T>(k)?;
+        let (values, vs) = strided::<T>(v)?;
+        let mask = self.mask.map(|m| view::<f32>(m, WHAT)).transpose()?;
+        let elements = queries.len();
+        // SAFETY: the kernel below writes every element (one block per
+        // query row, each writing its head's `d` elements).
+        let out = unsafe { dev.alloc::<T>(elements)? };
+        if elements > 0 && ctx > 0 {
+            let shape = AttentionShape {
+                k_batch: ks[0],
+                k_head: ks[1],
+                k_column: ks[2],
+                v_batch: vs[0],
+                v_head: vs[1],
+                v_column: vs[2],
+                heads: heads as i32,
+                kv_heads: kv_heads as i32,
+                t: t as i32,
+                ctx: ctx as i32,
+                d: d as i32,
+                // The scale as candle's affine applies it: in the dtype.
+                scale: T::from_f64(self.scale).to_f64() as f32,
+                cap: self.cap.map_or(0.0, |c| c as f32),
+            };
+            let name = format!("capture_decode_attention_{suffix}");
+            let func =
+                dev.get_or_load_custom_func(&name, DECODE_ATTENTION.0, DECODE_ATTENTION.1)?;
+            let null = 0u64;
+            let mut builder = func.builder();
+            builder.arg(&queries);
+            builder.arg(&keys);
+            builder.arg(&values);
+            match &mask {
+                Some(mask) => builder.arg(mask),
+                None => builder.arg(&null),
+            };
+            builder.arg(&out);
+            builder.arg(&shape);
+            let config = LaunchConfig {
+                grid_dim: ((b * heads * t) as u32, 1, 1),
+                block_dim: (DECODE_ATTENTION_BLOCK as u32, 1, 1),
+                shared_mem_bytes: decode_attention_shared_bytes(ctx, d) as u32,
+            };
+            // SAFETY: the arguments are the kernel's, in its order and types
+            // (a null mask pointer is "no mask"); `queries` and `out` hold
+            // the `[b, heads, t, d]` elements, the mask `[b, 1, t, ctx]`
+            // (checked above), and every key and value element the strides
+            // reach for `[b, kv_heads, ctx, d]` lies in its view (`strided`);
+            // `heads` is a multiple of `kv_heads`. Block `r` reads query row
+            // `r`, its batch item's and key/value head's keys and values and
+            // its mask row, and writes its head's `d` elements of `out`; the
+            // dynamic shared memory is the `ctx + d + max(block, d)` floats
+            // the kernel uses, within a block's 48 KiB (checked above).
+            unsafe { builder.launch(config) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
+}
