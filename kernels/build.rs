@@ -13,6 +13,7 @@ const KERNELS: &[&str] = &[
     "rotary",
     "gelu_mul",
     "gather",
+    "head",
 ];
 
 fn main() {

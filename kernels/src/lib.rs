@@ -17,7 +17,9 @@
 //!   written into the KV cache in place (`rotary.cu`);
 //! - [`gelu_mul`]: the MLP's `gelu(gate) * up` (`gelu_mul.cu`);
 //! - [`gather`]: many tensors' elements into one buffer (`gather.cu`), what
-//!   `Tensor::cat` does with a kernel per tensor.
+//!   `Tensor::cat` does with a kernel per tensor;
+//! - [`logit_softcap`]: the final logits' cast to f32 and soft-cap, and
+//!   [`argmax_rows`]: each row's greedy choice (`head.cu`).
 //!
 //! [`device::prepare`] sets up a device for the many small allocations of
 //! a decode step (freed memory stays in the pool between steps).
@@ -25,12 +27,13 @@
 //! Each function checks its inputs' shapes and contiguity against what its
 //! kernel reads and writes, so it is safe to call. The CPU references, and
 //! the candle operations they replace, are in the worker (`model::norm`,
-//! `model::attention_softmax`, `model::rotary`, `model::gelu_mul`);
+//! `model::attention_softmax`, `model::decode_attention`, `model::rotary`,
+//! `model::gelu_mul`, `model::softcap`, `capture::decode::argmax_rows`);
 //! `capture::gpu_tests` compares the two on a GPU, and
-//! `tests/host_emulation.cu` runs the elementwise kernels' bodies on the
-//! host (`scripts/check_kernels.sh`, in CI). Without the `cuda` feature this
-//! crate is empty (the kernels are compiled to PTX by `build.rs`, which
-//! needs nvcc).
+//! `tests/host_emulation.cu` runs the kernels' bodies on the host
+//! (`scripts/check_kernels.sh`, in CI). Without the `cuda` feature this
+//! crate holds only [`QkvHeads`] and the decode attention's limits (the
+//! kernels are compiled to PTX by `build.rs`, which needs nvcc).
 
 #[cfg(feature = "cuda")]
 pub mod device;
@@ -76,6 +79,6 @@ pub fn decode_attention_fits(ctx: usize, d: usize) -> bool {
 
 #[cfg(feature = "cuda")]
 pub use launch::{
-    attention_softmax, decode_attention, gather, gelu_mul, rms_norm, rms_norm_add_norm,
-    rotary_keys_values, rotary_queries,
+    argmax_rows, attention_softmax, decode_attention, gather, gelu_mul, logit_softcap, rms_norm,
+    rms_norm_add_norm, rotary_keys_values, rotary_queries,
 };

@@ -1,6 +1,6 @@
-// The kernels' bodies (rotary.cu, gelu_mul.cu, gather.cu element by element;
-// decode_attention.cu a block at a time, its threads std::threads) run on the
-// host against references written independently of them: a check of their
+// The kernels' bodies (rotary.cu, gelu_mul.cu, gather.cu, head.cu's soft-cap
+// element by element; decode_attention.cu and head.cu's argmax a block at a
+// time, its threads std::threads) run on the host against references written independently of them: a check of their
 // indexing and arithmetic for a machine without a GPU.
 // `scripts/check_kernels.sh` (CI, and scripts/build_cuda.sh) compiles and
 // runs it with nvcc:
@@ -22,6 +22,7 @@
 #include "../src/decode_attention.cu"
 #include "../src/gather.cu"
 #include "../src/gelu_mul.cu"
+#include "../src/head.cu"
 #include "../src/rotary.cu"
 
 static int failures = 0;
@@ -182,6 +183,19 @@ struct HostBlock {
     }
 };
 
+// Runs `body(block)` for one block of `threads` std::threads.
+template <typename Body> static void run_block(int threads, Body body) {
+    std::vector<float> slots(threads);
+    std::barrier<> barrier(threads);
+    std::vector<std::thread> block;
+    for (int id = 0; id < threads; id++) {
+        block.emplace_back([&, id] { body(HostBlock{id, threads, &barrier, &slots}); });
+    }
+    for (auto &thread : block) {
+        thread.join();
+    }
+}
+
 // Gemma-2's attention of `t` queries per sequence over a cache of `capacity`
 // columns (the first `ctx` read), keys and values in one buffer `[2, b,
 // kv_heads, capacity, d]` as the worker's cache holds them, with a window
@@ -214,19 +228,10 @@ static void decode_attention_case(const char *name, int b, int heads, int kv_hea
     const int rows = b * heads * t;
     for (int row = 0; row < rows; row++) {
         std::vector<float> shared(ctx + d + std::max(threads, d), NAN);
-        std::vector<float> slots(threads);
-        std::barrier<> barrier(threads);
-        std::vector<std::thread> block;
-        for (int id = 0; id < threads; id++) {
-            block.emplace_back([&, id] {
-                const HostBlock h{id, threads, &barrier, &slots};
-                decode_attention_row(h, shared.data(), q.data(), k, v,
-                                     masked ? mask.data() : nullptr, out.data(), s, row);
-            });
-        }
-        for (auto &thread : block) {
-            thread.join();
-        }
+        run_block(threads, [&](HostBlock h) {
+            decode_attention_row(h, shared.data(), q.data(), k, v,
+                                 masked ? mask.data() : nullptr, out.data(), s, row);
+        });
     }
     const int groups = heads / kv_heads;
     for (int bi = 0; bi < b; bi++)
@@ -269,6 +274,51 @@ static void decode_attention_case(const char *name, int b, int heads, int kv_hea
             }
 }
 
+// Rows of logits through the argmax body, against the first maximum found
+// in order (NaN: no choice).
+static void argmax_case(const char *name, std::vector<std::vector<float>> rows, int threads) {
+    const int vocab = (int)rows[0].size();
+    std::vector<float> logits;
+    for (const auto &row : rows) {
+        logits.insert(logits.end(), row.begin(), row.end());
+    }
+    std::vector<unsigned> out(rows.size(), 12345u);
+    for (int r = 0; r < (int)rows.size(); r++) {
+        run_block(threads, [&](HostBlock h) { argmax_row(h, logits.data(), out.data(), vocab, r); });
+    }
+    for (int r = 0; r < (int)rows.size(); r++) {
+        unsigned want = 0;
+        float best = -INFINITY;
+        for (int i = 0; i < vocab; i++) {
+            if (rows[r][i] != rows[r][i]) {
+                want = NO_CHOICE;
+                break;
+            }
+            if (rows[r][i] > best) {
+                best = rows[r][i];
+                want = i;
+            }
+        }
+        check(out[r] == want, name, r, (float)out[r], (float)want);
+    }
+}
+
+// The soft-cap of every element against tanh in double arithmetic.
+template <typename T> static void softcap_case(const char *name, size_t n, float cap) {
+    std::vector<T> x = values<T>(n, 7);
+    for (auto &v : x) {
+        v = narrow_to<T>(widen(v) * 40.0f); // past the cap, where tanh bends
+    }
+    std::vector<float> out(n, NAN);
+    for (size_t i = 0; i < n; i++) {
+        softcap_element(x.data(), out.data(), 1.0f / cap, cap, i);
+    }
+    for (size_t i = 0; i < n; i++) {
+        const double want = std::tanh((double)widen(x[i]) / cap) * cap;
+        check(std::fabs(out[i] - want) <= 2e-6 * cap, name, (int)i, out[i], (float)want);
+    }
+}
+
 int main() {
     // A prompt pass (padded batch, tables per sequence), a decode step with
     // gemma-2-2b's heads and a shared table, and odd sizes.
@@ -296,10 +346,31 @@ int main() {
                                          12, 256, true, 50.0f, 64, 1.0f / 64);
     decode_attention_case<__half>("decode attention f16, no cap, wide block", 1, 2, 1, 1, 3,
                                   3, 16, false, 0.0f, 96, 1.0f / 512);
+    std::vector<float> wide(256000, 0.25f);
+    wide[255998] = wide[255999] = 9.0f;
+    std::vector<float> one_nan(256000, 0.25f);
+    one_nan[200000] = NAN;
+    argmax_case("argmax, ties and edges",
+                {{0.0f, 3.0f, 3.0f, -1.0f, 3.0f},
+                 {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY},
+                 {1.0f, 2.0f, INFINITY, INFINITY, 0.0f},
+                 {-5.0f, -4.0f, -3.0f, -2.0f, -1.0f},
+                 {7.0f, -1.0f, 0.5f, 6.9f, 7.0f - 1e-6f},
+                 {NAN, 1.0f, 4.0f, 2.0f, 0.0f},
+                 {1.0f, NAN, 4.0f, 2.0f, 4.0f}},
+                64);
+    argmax_case("argmax, gemma-2's vocabulary", {wide, one_nan}, 1024);
+    // Ties in one thread's columns (every 64th).
+    std::vector<float> strided(200, -1.0f);
+    strided[5] = strided[69] = strided[133] = 2.0f;
+    argmax_case("argmax, ties in one thread", {strided}, 64);
+    softcap_case<float>("logit soft-cap f32", 1000, 30.0f);
+    softcap_case<__nv_bfloat16>("logit soft-cap bf16", 1000, 30.0f);
+    softcap_case<__half>("logit soft-cap f16", 100, 30.0f);
     if (failures > 0) {
         std::printf("host emulation: %d mismatches\n", failures);
         return 1;
     }
-    std::printf("host emulation: rotary, gelu-mul, gather and decode attention kernels match their references\n");
+    std::printf("host emulation: rotary, gelu-mul, gather, decode attention, soft-cap and argmax kernels match their references\n");
     return 0;
 }

@@ -1,6 +1,6 @@
 //! The kernels with one thread per element (or pair of elements): the
-//! rotary embedding of queries and of keys written into the cache, and the
-//! MLP's GELU times up.
+//! rotary embedding of queries and of keys written into the cache, the
+//! MLP's GELU times up, and the final logit soft-cap.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
@@ -8,7 +8,7 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaStorage, DType, Layout};
 use half::{bf16, f16};
 
-use super::{GELU_MUL, ROTARY, view};
+use super::{GELU_MUL, HEAD, ROTARY, view};
 use crate::QkvHeads;
 
 /// `QkvShape` of `rotary.cu`, passed by value.
@@ -248,6 +248,48 @@ fn gelu_mul_as<T: CudaDType + DeviceRepr>(
         // `src` holds whole rows of `2 width` (checked by `gelu_mul`) and
         // `out` the same rows of `width`; threads at or past `elements` do
         // nothing.
+        unsafe { builder.launch(elementwise(elements)) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// Gemma-2's final logit soft-cap of `x` (f32, bf16 or f16, contiguous):
+/// `tanh(x * inv + 0) * cap + 0` in f32 with `inv = 1 / cap`, as candle's
+/// cast to f32, affine, tanh and affine compute it; a new f32 storage with
+/// `x`'s elements.
+pub fn logit_softcap(x: (&CudaStorage, &Layout), cap: f64) -> candle_core::Result<CudaStorage> {
+    match x.0.dtype() {
+        DType::F32 => softcap_as::<f32>("f32", x, cap),
+        DType::BF16 => softcap_as::<bf16>("bf16", x, cap),
+        DType::F16 => softcap_as::<f16>("f16", x, cap),
+        other => candle_core::bail!("logit-softcap: unsupported dtype {other:?}"),
+    }
+}
+
+fn softcap_as<T: CudaDType + DeviceRepr>(
+    suffix: &str,
+    x: (&CudaStorage, &Layout),
+    cap: f64,
+) -> candle_core::Result<CudaStorage> {
+    let dev = x.0.device().clone();
+    let src = view::<T>(x, "logit-softcap")?;
+    let elements = src.len();
+    let name = format!("capture_logit_softcap_{suffix}");
+    let func = dev.get_or_load_custom_func(&name, HEAD.0, HEAD.1)?;
+    // SAFETY: the kernel below writes every element (one thread each).
+    let out = unsafe { dev.alloc::<f32>(elements)? };
+    if elements > 0 {
+        // candle's affines take their factors as f32 for f32 tensors.
+        let (inv, cap) = ((1.0 / cap) as f32, cap as f32);
+        let mut builder = func.builder();
+        builder.arg(&src);
+        builder.arg(&out);
+        builder.arg(&inv);
+        builder.arg(&cap);
+        builder.arg(&elements);
+        // SAFETY: the arguments are the kernel's, in its order and types;
+        // `src` and `out` hold `elements` each; threads at or past
+        // `elements` do nothing.
         unsafe { builder.launch(elementwise(elements)) }.w()?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev))

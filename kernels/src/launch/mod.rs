@@ -6,9 +6,9 @@ mod gather;
 mod reductions;
 
 pub use decode_attention::decode_attention;
-pub use elementwise::{gelu_mul, rotary_keys_values, rotary_queries};
+pub use elementwise::{gelu_mul, logit_softcap, rotary_keys_values, rotary_queries};
 pub use gather::gather;
-pub use reductions::{attention_softmax, rms_norm, rms_norm_add_norm};
+pub use reductions::{argmax_rows, attention_softmax, rms_norm, rms_norm_add_norm};
 
 use candle_core::cuda_backend::CudaDType;
 use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr};
@@ -36,6 +36,10 @@ const ROTARY: Module = (
 const GATHER: Module = (
     "capture_gather",
     include_str!(concat!(env!("OUT_DIR"), "/gather.ptx")),
+);
+const HEAD: Module = (
+    "capture_head",
+    include_str!(concat!(env!("OUT_DIR"), "/head.ptx")),
 );
 const GELU_MUL: Module = (
     "capture_gelu_mul",

@@ -1,6 +1,6 @@
 //! The kernels that reduce over a row (one block per row): the RMS norm
 //! (alone, with the residual addition, or two with the addition between
-//! them) and the attention softmax.
+//! them), the attention softmax and the logits' argmax.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
@@ -8,7 +8,7 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, WithDType};
 use half::{bf16, f16};
 
-use super::{ATTENTION_SOFTMAX, RMS_NORM, view};
+use super::{ATTENTION_SOFTMAX, HEAD, RMS_NORM, view};
 
 /// `residual + T(x / sqrt(mean(x^2) + eps) * weight)` over the last axis
 /// of `x` (f32, bf16 or f16; without `residual`, just the norm), with an
@@ -224,6 +224,41 @@ impl Softmax<'_> {
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
+}
+
+/// Per row of `[rows, vocab]` f32 logits (contiguous), the first column
+/// holding the row's maximum, or `u32::MAX` when the row holds a NaN: a
+/// new u32 storage of `rows` elements. `vocab` must be below 2^24 (the
+/// kernel compares columns in f32).
+pub fn argmax_rows(logits: (&CudaStorage, &Layout)) -> candle_core::Result<CudaStorage> {
+    const WHAT: &str = "argmax-rows";
+    let &[rows_count, vocab] = logits.1.dims() else {
+        candle_core::bail!("{WHAT}: logits {:?}, not [rows, vocab]", logits.1.dims());
+    };
+    if logits.0.dtype() != DType::F32 || vocab == 0 || vocab >= 1 << 24 {
+        candle_core::bail!(
+            "{WHAT}: {:?} logits of {vocab} columns (f32, 1 to 2^24 - 1 columns)",
+            logits.0.dtype()
+        );
+    }
+    let dev = logits.0.device().clone();
+    let src = view::<f32>(logits, WHAT)?;
+    let func = dev.get_or_load_custom_func("capture_argmax_rows", HEAD.0, HEAD.1)?;
+    // SAFETY: the kernel below writes every element (block `r`, row `r`).
+    let out = unsafe { dev.alloc::<u32>(rows_count)? };
+    if rows_count > 0 {
+        let vocab_arg = vocab as i32;
+        let mut builder = func.builder();
+        builder.arg(&src);
+        builder.arg(&out);
+        builder.arg(&vocab_arg);
+        // SAFETY: the arguments are the kernel's, in its order and types;
+        // `src` holds `rows_count` rows of `vocab` (checked above) and
+        // `out` `rows_count` elements; block `r` reads row `r` and its
+        // first thread writes element `r`.
+        unsafe { builder.launch(rows(rows_count, vocab)) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
 /// One block per row of `width` elements, a thread per element up to 1024

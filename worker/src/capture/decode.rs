@@ -6,6 +6,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::model::fused::{contiguous, unfused};
+
 /// How response tokens are chosen.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "strategy", rename_all = "snake_case")]
@@ -112,11 +114,75 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// `vocab - column` over those columns, exact in f32 below 2^24 columns).
 /// A row with a NaN is `None`, left to [`argmax`] on the host: how a device
 /// reduction orders NaN against numbers is not specified.
+///
+/// One operation ([`ArgmaxRows`]; on a GPU one kernel,
+/// `capture_kernels::argmax_rows`), or with `CAPTURE_UNFUSED=1` about a
+/// dozen of candle's.
 pub fn argmax_rows(logits: &Tensor) -> candle_core::Result<Vec<Option<u32>>> {
     let (_, vocab) = logits.dims2()?;
     if vocab >= 1 << 24 {
         candle_core::bail!("{vocab} columns are beyond exact f32 indices");
     }
+    if unfused() {
+        return candle_argmax_rows(logits);
+    }
+    let chosen = logits
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .apply_op1_no_bwd(&ArgmaxRows)?
+        .to_vec1::<u32>()?;
+    Ok(chosen
+        .into_iter()
+        .map(|c| (c != ArgmaxRows::NAN_ROW).then_some(c))
+        .collect())
+}
+
+/// Per row of `[rows, vocab]` f32 logits, [`argmax`]'s choice, or
+/// [`ArgmaxRows::NAN_ROW`] for a row with a NaN: `[rows]` u32.
+pub struct ArgmaxRows;
+
+impl ArgmaxRows {
+    /// The choice for a row holding a NaN.
+    pub const NAN_ROW: u32 = u32::MAX;
+}
+
+impl candle_core::CustomOp1 for ArgmaxRows {
+    fn name(&self) -> &'static str {
+        "capture-argmax-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (rows, vocab) = l1.shape().dims2()?;
+        let logits = contiguous(s1.as_slice::<f32>()?, l1, "argmax-rows")?;
+        let chosen = logits
+            .chunks(vocab.max(1))
+            .take(rows)
+            .map(|row| match row.iter().any(|v| v.is_nan()) {
+                true => Self::NAN_ROW,
+                false => argmax(row),
+            })
+            .collect();
+        Ok((candle_core::CpuStorage::U32(chosen), rows.into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let rows = l1.shape().dims2()?.0;
+        Ok((capture_kernels::argmax_rows((s1, l1))?, rows.into()))
+    }
+}
+
+/// [`argmax_rows`] with candle's operations.
+pub(super) fn candle_argmax_rows(logits: &Tensor) -> candle_core::Result<Vec<Option<u32>>> {
+    let (_, vocab) = logits.dims2()?;
     let logits = logits.to_dtype(DType::F32)?;
     let max = logits.max_keepdim(D::Minus1)?;
     let hits = logits.broadcast_eq(&max)?.to_dtype(DType::F32)?;
@@ -195,18 +261,21 @@ mod tests {
         ];
         let flat: Vec<f32> = rows.iter().flatten().copied().collect();
         let logits = Tensor::from_vec(flat, (rows.len(), 5), &candle_core::Device::Cpu).unwrap();
-        let chosen = argmax_rows(&logits).unwrap();
-        for (row, choice) in rows.iter().zip(&chosen).take(5) {
-            assert_eq!(*choice, Some(argmax(row)), "{row:?}");
-        }
-        assert_eq!(chosen[5], None);
         // A real vocabulary's width, with the maximum late in the row.
         let mut wide = vec![0.25f32; 256_000];
         wide[255_998] = 9.0;
         wide[255_999] = 9.0;
-        let logits =
+        let wide_logits =
             Tensor::from_vec(wide.clone(), (1, 256_000), &candle_core::Device::Cpu).unwrap();
-        assert_eq!(argmax_rows(&logits).unwrap(), vec![Some(argmax(&wide))]);
+        // The operation, and candle's operations (`CAPTURE_UNFUSED=1`).
+        for rows_of in [argmax_rows, candle_argmax_rows] {
+            let chosen = rows_of(&logits).unwrap();
+            for (row, choice) in rows.iter().zip(&chosen).take(5) {
+                assert_eq!(*choice, Some(argmax(row)), "{row:?}");
+            }
+            assert_eq!(chosen[5], None);
+            assert_eq!(rows_of(&wide_logits).unwrap(), vec![Some(argmax(&wide))]);
+        }
     }
 
     #[test]

@@ -405,6 +405,59 @@ fn cuda_decode_attention_matches_the_cpu() {
 }
 
 #[test]
+fn cuda_logit_softcap_and_argmax_match_candle_and_the_host() {
+    use super::decode::{argmax, argmax_rows, candle_argmax_rows};
+    use crate::model::fused::tests::{bits, random};
+    use crate::model::softcap::logit_softcap;
+    let gpu = cuda();
+    // Eight rows of gemma-2's vocabulary, far past the cap.
+    let logits = random(&[8, 256_000], 1, 200.0);
+    for dtype in [DType::F32, DType::BF16] {
+        let x = logits.to_dtype(dtype).unwrap();
+        let gx = x.to_device(&gpu).unwrap();
+        let kernel = logit_softcap(&gx, 30.0).unwrap();
+        let candle = ((gx.to_dtype(DType::F32).unwrap() / 30.0)
+            .unwrap()
+            .tanh()
+            .unwrap()
+            * 30.0)
+            .unwrap();
+        let host = host_values(logit_softcap(&x, 30.0).unwrap());
+        let error = norm_error(&host_values(kernel.clone()), &host);
+        eprintln!("logit soft-cap {dtype:?}: {error:.2e} against the CPU");
+        assert_eq!(
+            bits(&kernel),
+            bits(&candle),
+            "{dtype:?}: the GPU's own operations"
+        );
+        assert!(error < 1e-6, "{dtype:?}");
+    }
+    // Ties (the first wins), a maximum in the last column, a NaN row, a row
+    // of -inf, and random rows.
+    let mut rows = host_values(logits.clone());
+    let vocab = 256_000;
+    rows[..vocab].fill(-1.0);
+    rows[3] = 50.0;
+    rows[4] = 50.0;
+    rows[vocab + 1000] = 1e9;
+    rows[2 * vocab - 1] = 1e9;
+    rows[2 * vocab + 77] = f32::NAN;
+    rows[3 * vocab..4 * vocab].fill(f32::NEG_INFINITY);
+    let logits = candle_core::Tensor::from_vec(rows.clone(), (8, vocab), &gpu).unwrap();
+    let chosen = argmax_rows(&logits).unwrap();
+    let separate = candle_argmax_rows(&logits).unwrap();
+    for (r, row) in rows.chunks(vocab).enumerate() {
+        let want = (!row.iter().any(|v| v.is_nan())).then(|| argmax(row));
+        assert_eq!(chosen[r], want, "row {r}");
+        assert_eq!(separate[r], want, "row {r}, candle's operations");
+    }
+    assert_eq!(chosen[0], Some(3));
+    assert_eq!(chosen[1], Some(1000));
+    assert_eq!(chosen[2], None);
+    assert_eq!(chosen[3], Some(0));
+}
+
+#[test]
 fn cuda_fused_rotary_and_cache_write_match_the_cpu() {
     use crate::model::rotary::{KeysValues, QkvHeads, Queries};
     use candle_core::Tensor;

@@ -19,6 +19,7 @@
 //! instead (see [`super::fused`]).
 
 use super::fused::{contiguous, for_each_row, unfused};
+use super::softcap::soft_cap;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 
@@ -185,7 +186,7 @@ impl Op {
 pub(super) fn score<T: WithDType>(raw: T, scale: T, cap: Option<(f32, f32)>) -> f32 {
     let s = (raw * scale + T::zero()).to_f64() as f32;
     match cap {
-        Some((inv, cap)) => ((s * inv + 0.0).tanh()) * cap + 0.0,
+        Some((inv, cap)) => soft_cap(s, inv, cap),
         None => s,
     }
 }

@@ -14,6 +14,7 @@ use super::decode_attention::DecodeAttention;
 use super::gelu_mul::{gelu_and_up, gelu_mul};
 use super::norm::{NormPair, RmsNorm};
 use super::rotary::{PassRotary, QkvHeads, Rotary};
+use super::softcap::logit_softcap;
 use super::weights::Weights;
 use super::{bf16_weights, matvec};
 
@@ -607,10 +608,10 @@ impl Gemma2 {
                 // column.
                 let last = xs.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?;
                 let last = self.norm.forward(&last)?;
-                let logits = project(&self.embedding_weight, &last)?.to_dtype(DType::F32)?;
+                let logits = project(&self.embedding_weight, &last)?;
                 Some(match self.cfg.final_logit_softcapping {
-                    Some(cap) => ((logits / cap)?.tanh()? * cap)?,
-                    None => logits,
+                    Some(cap) => logit_softcap(&logits, cap)?,
+                    None => logits.to_dtype(DType::F32)?,
                 })
             }
         };

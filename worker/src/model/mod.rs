@@ -11,6 +11,7 @@ pub mod gemma2;
 pub mod matvec;
 pub mod norm;
 pub mod rotary;
+pub mod softcap;
 pub mod weights;
 
 pub use cache::{KvCache, PassLayout};
