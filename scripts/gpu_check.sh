@@ -6,8 +6,9 @@
 #   bash scripts/gpu_check.sh [OUT_DIR]
 #
 # 1. the engine's GPU tests (capture::gpu_tests: CUDA f32 and bf16 against
-#    the CPU, batched against one-at-a-time on the GPU, device memory) and
-#    the CPU batch test, from the test binary built with --features cuda;
+#    the CPU, the worker's kernels against their CPU references, batched
+#    against one-at-a-time on the GPU, device memory) and the CPU batch
+#    tests, from the test binary built with --features cuda;
 # 2. `worker capture` end to end on the tiny fixture: CPU f32, then CUDA bf16
 #    teacher-forced on the CPU's tokens, then CUDA f32 greedy; every artifact
 #    loaded with torch.load(weights_only=True) and compared with the CPU's
@@ -15,9 +16,9 @@
 # 3. `worker bench --device cuda --compare-transformers` at gemma-2-2b's
 #    dimensions (bf16), batches of 1 to 128;
 # 4. the same bench without transformers and with CAPTURE_UNFUSED=1 (candle's
-#    separate operations instead of the fused norm and attention softmax of
-#    the capture-kernels crate), batches of 1 and 16, for the side-by-side
-#    ratio;
+#    separate operations instead of the capture-kernels crate's: norms,
+#    attention softmax, decode attention, rotary, GELU times up, gather,
+#    soft-cap and argmax), batches of 1 and 16, for the side-by-side ratio;
 # 5. the same with CAPTURE_CUDA_DEFAULTS=1 (the driver's memory pool
 #    releasing freed memory at every synchronisation, cudarc's events on
 #    every allocation; see capture_kernels::device), batches of 1 and 16.

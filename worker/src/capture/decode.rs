@@ -120,8 +120,8 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// dozen of candle's.
 pub fn argmax_rows(logits: &Tensor) -> candle_core::Result<Vec<Option<u32>>> {
     let (_, vocab) = logits.dims2()?;
-    if vocab >= 1 << 24 {
-        candle_core::bail!("{vocab} columns are beyond exact f32 indices");
+    if vocab == 0 || vocab >= 1 << 24 {
+        candle_core::bail!("{vocab} columns: none to choose from, or beyond exact f32 indices");
     }
     if unfused() {
         return candle_argmax_rows(logits);
