@@ -34,6 +34,29 @@ HOST_DEVICE float mul_rn(float a, float b) {
 #endif
 }
 
+// The pair (j, j + half) of the head row `x` rotated with the table row
+// `table` (cos, then sin) as candle's `rope` computes it, each product and
+// sum rounded to T: into `first` and `second` (rotary.cu,
+// decode_attention.cu).
+template <typename T>
+HOST_DEVICE void rotated_pair(const T *x, const T *table, int j, int half, T &first,
+                              T &second) {
+    const float x1 = widen(x[j]), x2 = widen(x[j + half]);
+    const float c = widen(table[j]), s = widen(table[half + j]);
+    const float x1c = widen(narrow_to<T>(mul_rn(x1, c)));
+    const float x2s = widen(narrow_to<T>(mul_rn(x2, s)));
+    const float x1s = widen(narrow_to<T>(mul_rn(x1, s)));
+    const float x2c = widen(narrow_to<T>(mul_rn(x2, c)));
+    first = narrow_to<T>(x1c - x2s);
+    second = narrow_to<T>(x1s + x2c);
+}
+
+// Rotates the pair (j, j + half) of the row `x` into `out`.
+template <typename T>
+HOST_DEVICE void rotate_pair(const T *x, const T *table, T *out, int j, int half) {
+    rotated_pair(x, table, j, half, out[j], out[j + half]);
+}
+
 // The index of this thread in a one-dimensional launch.
 __device__ __forceinline__ size_t global_index() {
     return (size_t)blockIdx.x * blockDim.x + threadIdx.x;

@@ -1,26 +1,31 @@
-// A decode step's attention in one kernel: each query row's scores over the
-// layer's KV cache, their scaling, soft-capping, mask and softmax, and the
-// probabilities' product with the values, written straight into the layout
-// the output projection reads:
+// A decode step's attention in one kernel: each query row's rotary
+// embedding, its scores over the layer's KV cache, their scaling,
+// soft-capping, mask and softmax, and the probabilities' product with the
+// values, written straight into the layout the output projection reads:
 //
+//   q    = rope(qkv's query head)         as rotary.cu rotates queries
 //   s[j] = T(q . k[j])                    the product, rounded as a matmul's
 //   s[j] = T(s[j] * T(scale))             soft-capped in f32 when cap > 0,
 //   s[j] = tanh(s[j] / cap) * cap + mask  plus the additive f32 mask
 //   p[j] = T(softmax(s)[j])               in f32, then the compute dtype T
 //   out  = T(sum_j p[j] v[j])             -> out[b, query, head, :]
 //
-// With candle's operations (and the worker's other kernels) this is a
-// batched matmul, the attention softmax, a second batched matmul and a copy
-// to put the heads side by side: four kernels per layer where this is one.
+// With the worker's other kernels and candle's operations this is the query
+// rotation, a batched matmul, the attention softmax, a second batched matmul
+// (and with more than one query per sequence a copy to put the heads side by
+// side): four or five kernels per layer where this is one.
 // The worker's CPU implementation (`worker/src/model/decode_attention.rs`)
 // computes each step in the same order and is the reference
 // (`capture::gpu_tests`); `kernels/tests/host_emulation.cu` runs this body
 // on the host.
 //
-// One block per query row, rows ordered (batch, head, query) as the queries
-// `[b, heads, t, d]` are; grouped-query attention reads key/value head
-// `head / (heads / kv_heads)`. The keys and values are views of the cache
-// (`[b, kv_heads, columns, d]` with any strides but a unit one on d). The
+// One block per query row, rows ordered (batch, head, query); the queries
+// are read from the stacked projection `qkv` (`[b, t, heads + 2 kv_heads,
+// d]`) with the pass's rotary table (`[t, d]`, or `[b, t, d]` when
+// `table_batched`: each row's cos, then sin). Grouped-query attention reads
+// key/value head `head / (heads / kv_heads)`. The keys and values are views
+// of the cache (`[b, kv_heads, columns, d]` with any strides but a unit one
+// on d), already rotated and written by rotary.cu's kernel. The
 // block keeps the row's scores, its query and the value sums' parts in
 // shared memory: (ctx + d + max(block, d)) floats (the launch checks that
 // they fit).
@@ -33,7 +38,7 @@ struct AttentionShape {
     // axes.
     long long k_batch, k_head, k_column;
     long long v_batch, v_head, v_column;
-    int heads, kv_heads, t, ctx, d;
+    int heads, kv_heads, t, ctx, d, table_batched;
     // The scale rounded to T; the soft cap (<= 0: none).
     float scale, cap;
 };
@@ -43,9 +48,10 @@ struct AttentionShape {
 // pragma lets host emulation instantiate it with a host-only block.)
 #pragma nv_exec_check_disable
 template <typename T, typename Block>
-HOST_DEVICE void decode_attention_row(const Block &block, float *shared, const T *q,
-                                      const T *k, const T *v, const float *mask, T *out,
-                                      const AttentionShape &s, int row) {
+HOST_DEVICE void decode_attention_row(const Block &block, float *shared, const T *qkv,
+                                      const T *table, const T *k, const T *v,
+                                      const float *mask, T *out, const AttentionShape &s,
+                                      int row) {
     const int query = row % s.t;
     const int head = (row / s.t) % s.heads;
     const int batch = row / (s.t * s.heads);
@@ -53,14 +59,19 @@ HOST_DEVICE void decode_attention_row(const Block &block, float *shared, const T
     float *scores = shared;
     float *qs = shared + s.ctx;
     float *parts = qs + s.d;
-    q += (size_t)row * s.d;
+    const T *q = qkv + (((size_t)batch * s.t + query) * (s.heads + 2 * s.kv_heads) + head) * s.d;
+    table += ((s.table_batched ? (size_t)batch * s.t : 0) + query) * s.d;
     k += batch * s.k_batch + kv * s.k_head;
     v += batch * s.v_batch + kv * s.v_head;
     if (mask != nullptr) {
         mask += ((size_t)batch * s.t + query) * s.ctx;
     }
-    for (int i = block.thread(); i < s.d; i += block.size()) {
-        qs[i] = widen(q[i]);
+    const int half = s.d / 2;
+    for (int j = block.thread(); j < half; j += block.size()) {
+        T first, second;
+        rotated_pair(q, table, j, half, first, second);
+        qs[j] = widen(first);
+        qs[j + half] = widen(second);
     }
     block.sync();
 
@@ -117,10 +128,11 @@ HOST_DEVICE void decode_attention_row(const Block &block, float *shared, const T
 }
 
 #define DECODE_ATTENTION(T, NAME)                                                        \
-    extern "C" __global__ void NAME(const T *q, const T *k, const T *v, const float *mask, \
-                                    T *out, AttentionShape s) {                          \
-        extern __shared__ float shared[];                                                 \
-        decode_attention_row(DeviceBlock(), shared, q, k, v, mask, out, s, blockIdx.x);   \
+    extern "C" __global__ void NAME(const T *qkv, const T *table, const T *k, const T *v,   \
+                                    const float *mask, T *out, AttentionShape s) {          \
+        extern __shared__ float shared[];                                                   \
+        decode_attention_row(DeviceBlock(), shared, qkv, table, k, v, mask, out, s,         \
+                             blockIdx.x);                                                   \
     }
 
 DECODE_ATTENTION(float, capture_decode_attention_f32)

@@ -60,9 +60,10 @@ impl QkvHeads {
 /// Threads per block of the decode attention kernel.
 pub const DECODE_ATTENTION_BLOCK: usize = 512;
 
-/// Shared memory a block of the decode attention kernel has without
-/// opting in to more: 48 KiB on every CUDA device.
-const SHARED_BYTES: usize = 48 * 1024;
+/// Dynamic shared memory a block of the decode attention kernel may use:
+/// the 48 KiB every CUDA device gives a block without opting in to more,
+/// less 256 bytes for the reductions' static shared memory (128 bytes).
+const SHARED_BYTES: usize = 48 * 1024 - 256;
 
 /// The decode attention kernel's shared memory per block, for `ctx` keys of
 /// `d` elements: the row's scores, its query and the value sums' parts, in
@@ -72,7 +73,7 @@ pub fn decode_attention_shared_bytes(ctx: usize, d: usize) -> usize {
 }
 
 /// Whether the decode attention kernel takes `ctx` keys of `d` elements
-/// (gemma-2-2b: up to 11,520 keys; its context is 8,192).
+/// (gemma-2-2b: up to 11,456 keys; its context is 8,192).
 pub fn decode_attention_fits(ctx: usize, d: usize) -> bool {
     decode_attention_shared_bytes(ctx, d) <= SHARED_BYTES
 }

@@ -27,19 +27,8 @@
 // One thread per rotated pair (and, for the cache, the value pair beside it).
 #include "common.cuh"
 
-// Rotates the pair (j, j + half) of the row `x` into `out`.
-template <typename T>
-HOST_DEVICE void rotate_pair(const T *x, const T *table, T *out, int j, int half) {
-    const float x1 = widen(x[j]), x2 = widen(x[j + half]);
-    const float c = widen(table[j]), s = widen(table[half + j]);
-    const float x1c = widen(narrow_to<T>(mul_rn(x1, c)));
-    const float x2s = widen(narrow_to<T>(mul_rn(x2, s)));
-    const float x1s = widen(narrow_to<T>(mul_rn(x1, s)));
-    const float x2c = widen(narrow_to<T>(mul_rn(x2, c)));
-    out[j] = narrow_to<T>(x1c - x2s);
-    out[j + half] = narrow_to<T>(x1s + x2c);
-}
-
+// A pair's rotation is `rotate_pair` (common.cuh), which
+// decode_attention.cu shares.
 // The shape of one pass's stacked projection.
 struct QkvShape {
     int b, t, heads, kv_heads, d;

@@ -204,9 +204,11 @@ template <typename Body> static void run_block(int threads, Body body) {
 // double arithmetic otherwise.
 template <typename T>
 static void decode_attention_case(const char *name, int b, int heads, int kv_heads, int t,
-                                  int ctx, int capacity, int d, bool masked, float cap,
-                                  int threads, float tolerance) {
-    const std::vector<T> q = values<T>((size_t)b * heads * t * d, 5);
+                                  int ctx, int capacity, int d, bool masked, bool batched,
+                                  float cap, int threads, float tolerance) {
+    const int total = heads + 2 * kv_heads;
+    const std::vector<T> qkv = values<T>((size_t)b * t * total * d, 5);
+    const std::vector<T> table = values<T>((size_t)(batched ? b : 1) * t * d, 8);
     const std::vector<T> buffer = values<T>(2 * (size_t)b * kv_heads * capacity * d, 6);
     std::vector<float> mask;
     if (masked) {
@@ -220,8 +222,20 @@ static void decode_attention_case(const char *name, int b, int heads, int kv_hea
     }
     const long long head = (long long)capacity * d;
     const float scale = widen(narrow_to<T>(0.0625f));
-    const AttentionShape s{(long long)kv_heads * head, head, d,     (long long)kv_heads * head,
-                           head, d, heads, kv_heads, t, ctx, d, scale, cap};
+    const AttentionShape s{(long long)kv_heads * head,
+                           head,
+                           d,
+                           (long long)kv_heads * head,
+                           head,
+                           d,
+                           heads,
+                           kv_heads,
+                           t,
+                           ctx,
+                           d,
+                           batched ? 1 : 0,
+                           scale,
+                           cap};
     const T *k = buffer.data();
     const T *v = buffer.data() + (size_t)b * kv_heads * capacity * d;
     std::vector<T> out((size_t)b * t * heads * d, nan_value<T>());
@@ -229,7 +243,7 @@ static void decode_attention_case(const char *name, int b, int heads, int kv_hea
     for (int row = 0; row < rows; row++) {
         std::vector<float> shared(ctx + d + std::max(threads, d), NAN);
         run_block(threads, [&](HostBlock h) {
-            decode_attention_row(h, shared.data(), q.data(), k, v,
+            decode_attention_row(h, shared.data(), qkv.data(), table.data(), k, v,
                                  masked ? mask.data() : nullptr, out.data(), s, row);
         });
     }
@@ -237,14 +251,20 @@ static void decode_attention_case(const char *name, int b, int heads, int kv_hea
     for (int bi = 0; bi < b; bi++)
         for (int h = 0; h < heads; h++)
             for (int qi = 0; qi < t; qi++) {
-                const T *qr = &q[(((size_t)bi * heads + h) * t + qi) * d];
+                // The query: the head row rotated as the rotary kernels' reference does.
+                const T *x = &qkv[(((size_t)bi * t + qi) * total + h) * d];
+                const T *row_table = &table[((batched ? (size_t)bi * t : 0) + qi) * d];
+                std::vector<float> qr(d);
+                for (int i = 0; i < d; i++) {
+                    qr[i] = rope_reference(x, row_table, d, i);
+                }
                 const size_t base = ((size_t)bi * kv_heads + h / groups) * head;
                 std::vector<double> p(ctx);
                 double max = -INFINITY, sum = 0;
                 for (int j = 0; j < ctx; j++) {
                     double dot = 0;
                     for (int i = 0; i < d; i++) {
-                        dot += (double)widen(qr[i]) * widen(k[base + (size_t)j * d + i]);
+                        dot += (double)qr[i] * widen(k[base + (size_t)j * d + i]);
                     }
                     double x = widen(narrow_to<T>(widen(narrow_to<T>((float)dot)) * scale));
                     if (cap > 0) {
@@ -339,13 +359,13 @@ int main() {
     // padded and windowed batch with a few queries each, more of d than
     // threads, and more threads than keys.
     decode_attention_case<float>("decode attention f32, gemma-2-2b step", 1, 8, 4, 1, 37, 40,
-                                 256, false, 50.0f, 512, 1e-5f);
+                                 256, false, false, 50.0f, 512, 4e-5f);
     decode_attention_case<float>("decode attention f32, masked batch", 2, 4, 2, 3, 11, 16, 8,
-                                 true, 50.0f, 64, 1e-5f);
+                                 true, true, 50.0f, 64, 4e-5f);
     decode_attention_case<__nv_bfloat16>("decode attention bf16, masked batch", 2, 8, 4, 2, 9,
-                                         12, 256, true, 50.0f, 64, 1.0f / 64);
+                                         12, 256, true, true, 50.0f, 64, 1.0f / 64);
     decode_attention_case<__half>("decode attention f16, no cap, wide block", 1, 2, 1, 1, 3,
-                                  3, 16, false, 0.0f, 96, 1.0f / 512);
+                                  3, 16, false, false, 0.0f, 96, 1.0f / 512);
     std::vector<float> wide(256000, 0.25f);
     wide[255998] = wide[255999] = 9.0f;
     std::vector<float> one_nan(256000, 0.25f);

@@ -8,7 +8,9 @@ use candle_core::{CudaStorage, DType, Layout, WithDType};
 use half::{bf16, f16};
 
 use super::{DECODE_ATTENTION, view};
-use crate::{DECODE_ATTENTION_BLOCK, decode_attention_fits, decode_attention_shared_bytes};
+use crate::{
+    DECODE_ATTENTION_BLOCK, QkvHeads, decode_attention_fits, decode_attention_shared_bytes,
+};
 
 const WHAT: &str = "decode-attention";
 
@@ -27,55 +29,69 @@ struct AttentionShape {
     t: i32,
     ctx: i32,
     d: i32,
+    table_batched: i32,
     scale: f32,
     cap: f32,
 }
 
 // SAFETY: plain `#[repr(C)]` data laid out as the kernel's `AttentionShape`
-// (six long longs, five ints, two floats), with no pointers.
+// (six long longs, six ints, two floats), with no pointers.
 unsafe impl DeviceRepr for AttentionShape {}
 
-/// Gemma-2's attention of the queries `q` (`[b, heads, t, d]`, contiguous)
-/// over the keys `k` and values `v` (`[b, kv_heads, ctx, d]` each, views
-/// with a unit stride on `d`, such as the KV cache's): per query row the
-/// scores `T(T(q.k) * T(scale))`, soft-capped in f32 as `tanh(s / cap) *
-/// cap` when `cap` is given, plus the f32 `mask` (`[b, 1, t, ctx]`) when
-/// given, their softmax in f32 rounded to T, and its product with the
-/// values; a new storage `[b, t, heads * d]` (the heads side by side, as
-/// the output projection reads them). f32, bf16 or f16; `ctx` and `d` must
-/// fit the kernel's shared memory ([`crate::decode_attention_fits`]).
+/// Gemma-2's attention of the query heads of `qkv` (the stacked projection
+/// `[b, t, heads + 2 kv_heads, d]`, contiguous), rotated with the pass's
+/// rotary `table` (`[t, d]`, or `[b, t, d]` per sequence: each row's cos,
+/// then sin; contiguous) as `rotary_queries` rotates them, over the keys `k`
+/// and values `v` (`[b, kv_heads, ctx, d]` each, views with a unit stride on
+/// `d`, such as the KV cache's): per query row the scores `T(T(q.k) *
+/// T(scale))`, soft-capped in f32 as `tanh(s / cap) * cap` when `cap` is
+/// given, plus the f32 `mask` (`[b, 1, t, ctx]`) when given, their softmax
+/// in f32 rounded to T, and its product with the values; a new storage `[b,
+/// t, heads * d]` (the heads side by side, as the output projection reads
+/// them). f32, bf16 or f16; `ctx` and `d` must fit the kernel's shared
+/// memory ([`crate::decode_attention_fits`]).
 pub fn decode_attention(
-    q: (&CudaStorage, &Layout),
-    k: (&CudaStorage, &Layout),
-    v: (&CudaStorage, &Layout),
+    qkv: (&CudaStorage, &Layout),
+    table: (&CudaStorage, &Layout),
+    (k, v): ((&CudaStorage, &Layout), (&CudaStorage, &Layout)),
     mask: Option<(&CudaStorage, &Layout)>,
-    scale: f64,
-    cap: Option<f64>,
+    heads: QkvHeads,
+    (scale, cap): (f64, Option<f64>),
 ) -> candle_core::Result<CudaStorage> {
-    let &[b, heads, t, d] = q.1.dims() else {
-        candle_core::bail!("{WHAT}: queries {:?}, not [b, heads, t, d]", q.1.dims());
+    let &[b, t, total, d] = qkv.1.dims() else {
+        candle_core::bail!("{WHAT}: qkv {:?}, not [b, t, heads, d]", qkv.1.dims());
     };
     let &[kb, kv_heads, ctx, kd] = k.1.dims() else {
         candle_core::bail!("{WHAT}: keys {:?}, not [b, kv_heads, ctx, d]", k.1.dims());
     };
-    if kb != b
+    if total != heads.total()
+        || kv_heads != heads.kv_heads
+        || kv_heads == 0
+        || !heads.heads.is_multiple_of(kv_heads)
+        || !d.is_multiple_of(2)
+        || kb != b
         || kd != d
         || v.1.dims() != k.1.dims()
-        || kv_heads == 0
-        || !heads.is_multiple_of(kv_heads)
-        || k.0.dtype() != q.0.dtype()
-        || v.0.dtype() != q.0.dtype()
+        || k.0.dtype() != qkv.0.dtype()
+        || v.0.dtype() != qkv.0.dtype()
+        || table.0.dtype() != qkv.0.dtype()
     {
         candle_core::bail!(
-            "{WHAT}: keys {:?} {:?} and values {:?} {:?} for queries {:?} {:?}",
+            "{WHAT}: keys {:?} {:?}, values {:?} {:?}, table {:?} for qkv {:?} {:?} of {heads:?}",
             k.0.dtype(),
             k.1.dims(),
             v.0.dtype(),
             v.1.dims(),
-            q.0.dtype(),
-            q.1.dims()
+            table.0.dtype(),
+            qkv.0.dtype(),
+            qkv.1.dims()
         );
     }
+    let batched = match table.1.dims() {
+        [rows, width] if (*rows, *width) == (t, d) => false,
+        [tb, rows, width] if (*tb, *rows, *width) == (b, t, d) => true,
+        other => candle_core::bail!("{WHAT}: table {other:?} for qkv {:?}", qkv.1.dims()),
+    };
     if let Some(m) = mask
         && (m.1.dims() != [b, 1, t, ctx] || m.0.dtype() != DType::F32)
     {
@@ -91,17 +107,27 @@ pub fn decode_attention(
             decode_attention_shared_bytes(ctx, d)
         );
     }
-    let args = Args { mask, scale, cap };
-    match q.0.dtype() {
-        DType::F32 => args.launch::<f32>("f32", q, k, v),
-        DType::BF16 => args.launch::<bf16>("bf16", q, k, v),
-        DType::F16 => args.launch::<f16>("f16", q, k, v),
+    let args = Args {
+        table,
+        batched,
+        mask,
+        heads,
+        scale,
+        cap,
+    };
+    match qkv.0.dtype() {
+        DType::F32 => args.launch::<f32>("f32", qkv, k, v),
+        DType::BF16 => args.launch::<bf16>("bf16", qkv, k, v),
+        DType::F16 => args.launch::<f16>("f16", qkv, k, v),
         other => candle_core::bail!("{WHAT}: unsupported dtype {other:?}"),
     }
 }
 
 struct Args<'a> {
+    table: (&'a CudaStorage, &'a Layout),
+    batched: bool,
     mask: Option<(&'a CudaStorage, &'a Layout)>,
+    heads: QkvHeads,
     scale: f64,
     cap: Option<f64>,
 }
@@ -135,19 +161,21 @@ impl Args<'_> {
     fn launch<T: CudaDType + DeviceRepr + WithDType>(
         &self,
         suffix: &str,
-        q: (&CudaStorage, &Layout),
+        qkv: (&CudaStorage, &Layout),
         k: (&CudaStorage, &Layout),
         v: (&CudaStorage, &Layout),
     ) -> candle_core::Result<CudaStorage> {
-        let dims = q.1.dims();
-        let (b, heads, t, d) = (dims[0], dims[1], dims[2], dims[3]);
-        let (kv_heads, ctx) = (k.1.dims()[1], k.1.dims()[2]);
-        let dev = q.0.device().clone();
-        let queries = view::<T>(q, WHAT)?;
+        let dims = qkv.1.dims();
+        let (b, t, d) = (dims[0], dims[1], dims[3]);
+        let QkvHeads { heads, kv_heads } = self.heads;
+        let ctx = k.1.dims()[2];
+        let dev = qkv.0.device().clone();
+        let stacked = view::<T>(qkv, WHAT)?;
+        let table = view::<T>(self.table, WHAT)?;
         let (keys, ks) = strided::<T>(k)?;
         let (values, vs) = strided::<T>(v)?;
         let mask = self.mask.map(|m| view::<f32>(m, WHAT)).transpose()?;
-        let elements = queries.len();
+        let elements = b * t * heads * d;
         // SAFETY: the kernel below writes every element (one block per
         // query row, each writing its head's `d` elements).
         let out = unsafe { dev.alloc::<T>(elements)? };
@@ -164,6 +192,7 @@ impl Args<'_> {
                 t: t as i32,
                 ctx: ctx as i32,
                 d: d as i32,
+                table_batched: i32::from(self.batched),
                 // The scale as candle's affine applies it: in the dtype.
                 scale: T::from_f64(self.scale).to_f64() as f32,
                 cap: self.cap.map_or(0.0, |c| c as f32),
@@ -173,7 +202,8 @@ impl Args<'_> {
                 dev.get_or_load_custom_func(&name, DECODE_ATTENTION.0, DECODE_ATTENTION.1)?;
             let null = 0u64;
             let mut builder = func.builder();
-            builder.arg(&queries);
+            builder.arg(&stacked);
+            builder.arg(&table);
             builder.arg(&keys);
             builder.arg(&values);
             match &mask {
@@ -188,13 +218,15 @@ impl Args<'_> {
                 shared_mem_bytes: decode_attention_shared_bytes(ctx, d) as u32,
             };
             // SAFETY: the arguments are the kernel's, in its order and types
-            // (a null mask pointer is "no mask"); `queries` and `out` hold
-            // the `[b, heads, t, d]` elements, the mask `[b, 1, t, ctx]`
-            // (checked above), and every key and value element the strides
-            // reach for `[b, kv_heads, ctx, d]` lies in its view (`strided`);
-            // `heads` is a multiple of `kv_heads`. Block `r` reads query row
-            // `r`, its batch item's and key/value head's keys and values and
-            // its mask row, and writes its head's `d` elements of `out`; the
+            // (a null mask pointer is "no mask"); `stacked` holds the `[b,
+            // t, heads + 2 kv_heads, d]` elements (d even), `table` `[t, d]`
+            // or, batched, `[b, t, d]`, `out` `[b, t, heads, d]`, the mask
+            // `[b, 1, t, ctx]` (all checked above), and every key and value
+            // element the strides reach for `[b, kv_heads, ctx, d]` lies in
+            // its view (`strided`); `heads` is a multiple of `kv_heads`.
+            // Block `r` reads its query head row, its table row, its batch
+            // item's and key/value head's keys and values and its mask row,
+            // and writes its head's `d` elements of `out`; the
             // dynamic shared memory is the `ctx + d + max(block, d)` floats
             // the kernel uses, within a block's 48 KiB (checked above).
             unsafe { builder.launch(config) }.w()?;

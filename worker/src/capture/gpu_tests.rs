@@ -337,6 +337,7 @@ fn cuda_decode_attention_matches_the_cpu() {
     use crate::model::attention_softmax::AttentionSoftmax;
     use crate::model::decode_attention::DecodeAttention;
     use crate::model::fused::tests::{random, window_mask};
+    use crate::model::rotary::QkvHeads;
     use candle_core::{IndexOp, Tensor};
     let gpu = cuda();
     // Keys and values as the cache holds them: views of a buffer `[2, b,
@@ -345,35 +346,48 @@ fn cuda_decode_attention_matches_the_cpu() {
         let view = |i: usize| buffer.i(i).unwrap().narrow(2, 0, ctx).unwrap();
         (view(0), view(1))
     };
+    let (heads, kv_heads, d) = (8, 4, 256);
+    let op = |cap| DecodeAttention {
+        softmax: AttentionSoftmax {
+            scale: 256f64.powf(-0.5),
+            cap,
+        },
+        heads: QkvHeads { heads, kv_heads },
+    };
     // gemma-2-2b's heads: a decode step, a batch of two queries each with
-    // padding, a context near the model's 8,192.
+    // padding (a rotary table per sequence), a context near the model's
+    // 8,192.
     for ([b, t, ctx], seed) in [([1, 1, 600], 1u64), ([4, 2, 37], 2), ([2, 1, 8000], 3)] {
-        let (heads, kv_heads, d) = (8, 4, 256);
         let buffer = random(&[2, b, kv_heads, ctx + 5, d], seed, 1.0);
-        let q = random(&[b, heads, t, d], seed + 10, 2.0);
+        let qkv = random(&[b, t, heads + 2 * kv_heads, d], seed + 10, 2.0);
+        let angles = random(&[b, t, d / 2], seed + 20, 3.0);
+        let table = Tensor::cat(&[angles.cos().unwrap(), angles.sin().unwrap()], 2).unwrap();
+        let table = if b == 1 {
+            table.squeeze(0).unwrap()
+        } else {
+            table
+        };
         let mask = window_mask(b, t, ctx, 4096, 2);
         let gpu_mask = mask.to_device(&gpu).unwrap();
         for cap in [Some(50.0), None] {
-            let op = DecodeAttention {
-                softmax: AttentionSoftmax {
-                    scale: 256f64.powf(-0.5),
-                    cap,
-                },
-            };
+            let op = op(cap);
             for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 8e-3), (DType::F16, 2e-3)]
             {
-                let (q, buffer) = (q.to_dtype(dtype).unwrap(), buffer.to_dtype(dtype).unwrap());
-                let gpu_q = q.to_device(&gpu).unwrap();
-                let gpu_buffer = buffer.to_device(&gpu).unwrap();
+                let [qkv, table, buffer] =
+                    [&qkv, &table, &buffer].map(|x| x.to_dtype(dtype).unwrap());
+                let [gpu_qkv, gpu_table, gpu_buffer] =
+                    [&qkv, &table, &buffer].map(|x| x.to_device(&gpu).unwrap());
                 let ((k, v), (gk, gv)) = (views(&buffer, ctx), views(&gpu_buffer, ctx));
                 for masked in [false, true] {
                     let (m, gm) = match masked {
                         true => (Some(&mask), Some(&gpu_mask)),
                         false => (None, None),
                     };
-                    let kernel = host_values(op.forward(&gpu_q, &gk, &gv, gm).unwrap());
-                    let cpu = host_values(op.forward(&q, &k, &v, m).unwrap());
-                    let separate = host_values(op.candle_ops(&gpu_q, &gk, &gv, gm).unwrap());
+                    let kernel =
+                        host_values(op.forward(&gpu_qkv, &gpu_table, (&gk, &gv), gm).unwrap());
+                    let cpu = host_values(op.forward(&qkv, &table, (&k, &v), m).unwrap());
+                    let separate =
+                        host_values(op.candle_ops(&gpu_qkv, &gpu_table, (&gk, &gv), gm).unwrap());
                     let (error, against_separate) =
                         (norm_error(&kernel, &cpu), norm_error(&kernel, &separate));
                     eprintln!(
@@ -389,18 +403,16 @@ fn cuda_decode_attention_matches_the_cpu() {
     // A context past the kernel's shared memory is an error, not a launch
     // (the model uses the separate operations there).
     assert!(!DecodeAttention::fits(12_000, 256));
-    let buffer = random(&[2, 1, 1, 12_000, 256], 4, 1.0)
+    let buffer = random(&[2, 1, 4, 12_000, 256], 4, 1.0)
         .to_device(&gpu)
         .unwrap();
+    let qkv = random(&[1, 1, 16, 256], 5, 1.0).to_device(&gpu).unwrap();
+    let table = random(&[1, 256], 6, 1.0).to_device(&gpu).unwrap();
     let (k, v) = views(&buffer, 12_000);
-    let q = random(&[1, 2, 1, 256], 5, 1.0).to_device(&gpu).unwrap();
-    let op = DecodeAttention {
-        softmax: AttentionSoftmax {
-            scale: 1.0,
-            cap: None,
-        },
-    };
-    let error = op.forward(&q, &k, &v, None).unwrap_err().to_string();
+    let error = op(None)
+        .forward(&qkv, &table, (&k, &v), None)
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("shared memory"), "{error}");
 }
 

@@ -1,18 +1,22 @@
 //! A decode step's attention as one operation: the few new queries of each
-//! sequence against every cached key and value of the layer,
+//! sequence, read from the stacked q/k/v projection and rotated, against
+//! every cached key and value of the layer,
 //!
 //! ```text
+//! q = rope(qkv's query heads)         as super::rotary rotates queries
 //! s = T(q . k)                        the product, as a matmul rounds it
 //! p = attention softmax of s          scaling, soft-cap, mask, softmax
 //!                                     (see super::attention_softmax), in T
 //! out[b, query, head] = T(p . v)      the heads side by side
 //! ```
 //!
-//! which is what `Attention::forward` otherwise computes with a batched
-//! matmul, the fused softmax, a second batched matmul and a copy to put the
-//! heads side by side: four kernels per layer on a GPU where
-//! `capture_kernels::decode_attention` is one. It is used on CUDA devices
-//! for passes of at most [`MAX_QUERIES`] tokens per sequence whose
+//! which is what `Attention::forward` otherwise computes with the query
+//! rotation, a batched matmul, the fused softmax, a second batched matmul
+//! (and, with more than one query per sequence, a copy to put the heads side
+//! by side): four or five kernels per layer on a GPU where
+//! `capture_kernels::decode_attention` is one. The keys must already be in
+//! the cache (rotated by `PassRotary::keys_values`). It is used on CUDA
+//! devices for passes of at most [`MAX_QUERIES`] tokens per sequence whose
 //! attention probabilities are not recorded (the kernel keeps them in
 //! shared memory); elsewhere the separate operations are as fast (the CPU
 //! has no launches to save) or faster (a prompt's many queries are a
@@ -25,11 +29,14 @@
 //! model run with it equals one without (`capture::batch_tests`).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType,
+};
 use rayon::prelude::*;
 
 use super::attention_softmax::{AttentionSoftmax, score};
 use super::fused::{contiguous, unfused};
+use super::rotary::{QkvHeads, Queries};
 
 /// The operation's name in errors.
 const NAME: &str = "decode-attention";
@@ -41,6 +48,7 @@ pub const MAX_QUERIES: usize = 8;
 #[derive(Debug, Clone, Copy)]
 pub struct DecodeAttention {
     pub softmax: AttentionSoftmax,
+    pub heads: QkvHeads,
 }
 
 impl DecodeAttention {
@@ -57,33 +65,39 @@ impl DecodeAttention {
         capture_kernels::decode_attention_fits(ctx, head_dim)
     }
 
-    /// The attention of the queries `q` (`[b, heads, t, d]`) over the keys
-    /// `k` and values `v` (`[b, kv_heads, ctx, d]`, views of the cache),
-    /// with the f32 `mask` (`[b, 1, t, ctx]`) when given: `[b, t, heads *
-    /// d]` in the queries' dtype.
+    /// The attention of the query heads of `qkv` (`[b, t, heads + 2
+    /// kv_heads, d]`), rotated with the pass's rotary `table` (`[t, d]` or
+    /// `[b, t, d]`, cos then sin), over the keys `k` and values `v` (`[b,
+    /// kv_heads, ctx, d]`, views of the cache), with the f32 `mask` (`[b, 1,
+    /// t, ctx]`) when given: `[b, t, heads * d]` in `qkv`'s dtype.
     pub fn forward(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        qkv: &Tensor,
+        table: &Tensor,
+        (k, v): (&Tensor, &Tensor),
         mask: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         let op = Op {
-            params: self.softmax,
+            params: *self,
+            table: table.contiguous()?,
             mask: mask.map(Tensor::contiguous).transpose()?,
         };
-        q.contiguous()?.apply_op3_no_bwd(k, v, &op)
+        qkv.contiguous()?.apply_op3_no_bwd(k, v, &op)
     }
 
-    /// The same with candle's operations (and the fused softmax), as
-    /// `Attention::forward` computes it otherwise.
+    /// The same with the rotary queries operation and candle's operations
+    /// (and the fused softmax), as `Attention::forward` computes it
+    /// otherwise.
     pub fn candle_ops(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        qkv: &Tensor,
+        table: &Tensor,
+        (k, v): (&Tensor, &Tensor),
         mask: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
+        let q = qkv
+            .contiguous()?
+            .apply_op2_no_bwd(&table.contiguous()?, &Queries { heads: self.heads })?;
         let (b, heads, t, d) = q.dims4()?;
         let (kv_heads, ctx) = (k.dim(1)?, k.dim(2)?);
         let groups = heads / kv_heads;
@@ -104,36 +118,41 @@ impl DecodeAttention {
 }
 
 struct Op {
-    params: AttentionSoftmax,
+    params: DecodeAttention,
+    table: Tensor,
     mask: Option<Tensor>,
 }
 
-/// `(b, heads, t, d, kv_heads, ctx)`, checking the keys, values and mask
-/// against the queries.
+/// `(b, t, d, ctx)`, checking the stacked projection, keys, values and mask
+/// against each other and the heads.
 fn dims(
-    q: &Layout,
+    heads: QkvHeads,
+    qkv: &Layout,
     k: &Layout,
     v: &Layout,
     mask: Option<&Tensor>,
-) -> candle_core::Result<[usize; 6]> {
-    let (&[b, heads, t, d], &[kb, kv_heads, ctx, kd]) = (q.dims(), k.dims()) else {
+) -> candle_core::Result<[usize; 4]> {
+    let (&[b, t, total, d], &[kb, kv_heads, ctx, kd]) = (qkv.dims(), k.dims()) else {
         candle_core::bail!(
-            "{NAME}: queries {:?} and keys {:?}, not [b, heads, t, d] and [b, kv_heads, ctx, d]",
-            q.dims(),
+            "{NAME}: qkv {:?} and keys {:?}, not [b, t, heads, d] and [b, kv_heads, ctx, d]",
+            qkv.dims(),
             k.dims()
         );
     };
-    if kb != b
+    if total != heads.total()
+        || kv_heads != heads.kv_heads
+        || kv_heads == 0
+        || !heads.heads.is_multiple_of(kv_heads)
+        || !d.is_multiple_of(2)
+        || kb != b
         || kd != d
         || v.dims() != k.dims()
-        || kv_heads == 0
-        || !heads.is_multiple_of(kv_heads)
     {
         candle_core::bail!(
-            "{NAME}: keys {:?} and values {:?} for queries {:?}",
+            "{NAME}: keys {:?} and values {:?} for qkv {:?} of {heads:?}",
             k.dims(),
             v.dims(),
-            q.dims()
+            qkv.dims()
         );
     }
     if let Some(mask) = mask
@@ -145,7 +164,7 @@ fn dims(
             mask.dims()
         );
     }
-    Ok([b, heads, t, d, kv_heads, ctx])
+    Ok([b, t, d, ctx])
 }
 
 /// A strided view's elements: `at(b, head, column)` is where row (b, head,
@@ -180,19 +199,21 @@ impl<'a, T> Strided<'a, T> {
 }
 
 impl Op {
+    /// The attention of the (rotated) `queries` (`[b, heads, t, d]`).
     fn cpu_as<T: WithDType>(
         &self,
-        q: (&CpuStorage, &Layout),
+        queries: &[T],
         k: (&CpuStorage, &Layout),
         v: (&CpuStorage, &Layout),
         mask: Option<&[f32]>,
-        [b, heads, t, d, kv_heads, ctx]: [usize; 6],
+        [b, t, d, ctx]: [usize; 4],
     ) -> candle_core::Result<Vec<T>> {
-        let queries = contiguous(q.0.as_slice::<T>()?, q.1, NAME)?;
+        let QkvHeads { heads, kv_heads } = self.params.heads;
         let keys = Strided::new(k.0.as_slice::<T>()?, k.1)?;
         let values = Strided::new(v.0.as_slice::<T>()?, v.1)?;
-        let scale = T::from_f64(self.params.scale);
-        let cap = self.params.cap.map(|cap| ((1.0 / cap) as f32, cap as f32));
+        let softmax = self.params.softmax;
+        let scale = T::from_f64(softmax.scale);
+        let cap = softmax.cap.map(|cap| ((1.0 / cap) as f32, cap as f32));
         let groups = heads / kv_heads;
         let mut out = vec![T::zero(); b * t * heads * d];
         // Output rows are (batch, query, head); each is one query row's
@@ -256,8 +277,27 @@ impl CustomOp3 for Op {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = dims(l1, l2, l3, self.mask.as_ref())?;
-        let [b, heads, t, d, _, _] = dims;
+        let dims = dims(self.params.heads, l1, l2, l3, self.mask.as_ref())?;
+        let [b, t, d, _] = dims;
+        let heads = self.params.heads.heads;
+        let (table_storage, table_layout) = self.table.storage_and_layout();
+        let Storage::Cpu(table) = &*table_storage else {
+            candle_core::bail!("{NAME}: the rotary table is not on the queries' device");
+        };
+        let dtype = s1.dtype();
+        if [s2.dtype(), s3.dtype(), table.dtype()] != [dtype; 3] {
+            candle_core::bail!(
+                "{NAME}: qkv {dtype:?}, keys {:?}, values {:?}, table {:?}",
+                s2.dtype(),
+                s3.dtype(),
+                table.dtype()
+            );
+        }
+        // The queries rotated as the rotary operation rotates them.
+        let queries = Queries {
+            heads: self.params.heads,
+        };
+        let (q, _) = queries.cpu_fwd(s1, l1, table, table_layout)?;
         let mask_storage = self.mask.as_ref().map(Tensor::storage_and_layout);
         let mask = match &mask_storage {
             Some((storage, layout)) => match &**storage {
@@ -266,18 +306,12 @@ impl CustomOp3 for Op {
             },
             None => None,
         };
-        let (q, k, v) = ((s1, l1), (s2, l2), (s3, l3));
-        let storage = match (s1.dtype(), s2.dtype(), s3.dtype()) {
-            (DType::F32, DType::F32, DType::F32) => {
-                CpuStorage::F32(self.cpu_as(q, k, v, mask, dims)?)
-            }
-            (DType::BF16, DType::BF16, DType::BF16) => {
-                CpuStorage::BF16(self.cpu_as(q, k, v, mask, dims)?)
-            }
-            (DType::F16, DType::F16, DType::F16) => {
-                CpuStorage::F16(self.cpu_as(q, k, v, mask, dims)?)
-            }
-            (q, k, v) => candle_core::bail!("{NAME}: queries {q:?}, keys {k:?}, values {v:?}"),
+        let (k, v) = ((s2, l2), (s3, l3));
+        let storage = match &q {
+            CpuStorage::F32(q) => CpuStorage::F32(self.cpu_as(q, k, v, mask, dims)?),
+            CpuStorage::BF16(q) => CpuStorage::BF16(self.cpu_as(q, k, v, mask, dims)?),
+            CpuStorage::F16(q) => CpuStorage::F16(self.cpu_as(q, k, v, mask, dims)?),
+            other => candle_core::bail!("{NAME}: unsupported dtype {:?}", other.dtype()),
         };
         Ok((storage, Shape::from((b, t, heads * d))))
     }
@@ -292,7 +326,11 @@ impl CustomOp3 for Op {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let [b, heads, t, d, _, _] = dims(l1, l2, l3, self.mask.as_ref())?;
+        let [b, t, d, _] = dims(self.params.heads, l1, l2, l3, self.mask.as_ref())?;
+        let (table_storage, table_layout) = self.table.storage_and_layout();
+        let Storage::Cuda(table) = &*table_storage else {
+            candle_core::bail!("{NAME}: the rotary table is not on the queries' device");
+        };
         let mask_storage = self.mask.as_ref().map(Tensor::storage_and_layout);
         let mask = match &mask_storage {
             Some((storage, layout)) => match &**storage {
@@ -301,10 +339,16 @@ impl CustomOp3 for Op {
             },
             None => None,
         };
-        let AttentionSoftmax { scale, cap } = self.params;
-        let out =
-            capture_kernels::decode_attention((s1, l1), (s2, l2), (s3, l3), mask, scale, cap)?;
-        Ok((out, Shape::from((b, t, heads * d))))
+        let DecodeAttention { softmax, heads } = self.params;
+        let out = capture_kernels::decode_attention(
+            (s1, l1),
+            (table, table_layout),
+            ((s2, l2), (s3, l3)),
+            mask,
+            heads,
+            (softmax.scale, softmax.cap),
+        )?;
+        Ok((out, Shape::from((b, t, heads.heads * d))))
     }
 }
 
@@ -314,7 +358,7 @@ mod tests {
 
     use crate::model::fused::tests::{random, values, window_mask};
 
-    use super::{AttentionSoftmax, DecodeAttention};
+    use super::{AttentionSoftmax, DecodeAttention, QkvHeads};
 
     /// Keys and values as the cache holds them: views of the first `ctx`
     /// columns of a `[2, b, kv_heads, capacity, d]` buffer.
@@ -329,6 +373,25 @@ mod tests {
     /// A window of 4 keys, and batch item 1's first key padding.
     fn mask(b: usize, t: usize, ctx: usize) -> Tensor {
         window_mask(b, t, ctx, 4, 1)
+    }
+
+    /// A rotary table of cos and sin rows: `[t, d]`, or `[b, t, d]` when
+    /// `batched`.
+    fn table(b: usize, t: usize, d: usize, batched: bool, seed: u64) -> Tensor {
+        let angles = random(&[if batched { b } else { 1 }, t, d / 2], seed, 3.0);
+        let table = Tensor::cat(&[angles.cos().unwrap(), angles.sin().unwrap()], 2).unwrap();
+        if batched {
+            table
+        } else {
+            table.squeeze(0).unwrap()
+        }
+    }
+
+    fn op(heads: usize, kv_heads: usize, scale: f64, cap: Option<f64>) -> DecodeAttention {
+        DecodeAttention {
+            softmax: AttentionSoftmax { scale, cap },
+            heads: QkvHeads { heads, kv_heads },
+        }
     }
 
     /// The largest difference between `a` and `b` relative to `1 + |b|`
@@ -348,23 +411,19 @@ mod tests {
     #[test]
     fn decode_attention_equals_candles_operations() {
         // A decode step of gemma-2-2b's heads, a padded and windowed batch
-        // with a few queries each, and two keys.
-        for ([b, heads, kv_heads, t, ctx, d], seed) in [
-            ([1, 8, 4, 1, 37, 256], 1),
-            ([2, 4, 2, 3, 11, 16], 2),
-            ([3, 2, 2, 1, 2, 8], 3),
+        // with a few queries each (a table per sequence), and two keys.
+        for ([b, heads, kv_heads, t, ctx, d], batched, seed) in [
+            ([1, 8, 4, 1, 37, 256], false, 1),
+            ([2, 4, 2, 3, 11, 16], true, 2),
+            ([3, 2, 2, 1, 2, 8], true, 3),
         ] {
             let (k, v) = cache(b, kv_heads, ctx, d, seed);
             // Large products so that the soft cap bites.
-            let q = random(&[b, heads, t, d], seed + 10, 4.0);
+            let qkv = random(&[b, t, heads + 2 * kv_heads, d], seed + 10, 4.0);
+            let table = table(b, t, d, batched, seed + 20);
             let mask = mask(b, t, ctx);
             for cap in [Some(50.0), None] {
-                let op = DecodeAttention {
-                    softmax: AttentionSoftmax {
-                        scale: 24f64.powf(-0.5),
-                        cap,
-                    },
-                };
+                let op = op(heads, kv_heads, 24f64.powf(-0.5), cap);
                 // f32: the products' sums in another order; bf16 and f16 have
                 // come out the same (within one step of the dtype).
                 for (dtype, tolerance) in [
@@ -372,11 +431,12 @@ mod tests {
                     (DType::BF16, 1.0 / 128.0),
                     (DType::F16, 1.0 / 1024.0),
                 ] {
-                    let [q, k, v] = [&q, &k, &v].map(|x| x.to_dtype(dtype).unwrap());
+                    let [qkv, table, k, v] =
+                        [&qkv, &table, &k, &v].map(|x| x.to_dtype(dtype).unwrap());
                     for m in [None, Some(&mask)] {
                         let what = format!("{b}x{heads}x{t} over {ctx} {dtype:?} cap {cap:?}");
-                        let got = op.forward(&q, &k, &v, m).unwrap();
-                        let want = op.candle_ops(&q, &k, &v, m).unwrap();
+                        let got = op.forward(&qkv, &table, (&k, &v), m).unwrap();
+                        let want = op.candle_ops(&qkv, &table, (&k, &v), m).unwrap();
                         assert_eq!(got.dtype(), dtype, "{what}");
                         assert_eq!(got.dims(), [b, t, heads * d], "{what}");
                         let worst = worst(&got, &want);
@@ -388,54 +448,72 @@ mod tests {
     }
 
     #[test]
-    fn the_mask_and_the_key_value_heads_matter() {
-        // Without them the output would be another: the test above can fail.
+    fn the_mask_the_rotation_and_the_key_value_heads_matter() {
+        // Without each the output would be another: the test above can fail.
         let (b, heads, kv_heads, t, ctx, d) = (2, 4, 2, 2, 9, 8);
         let (k, v) = cache(b, kv_heads, ctx, d, 4);
-        let q = random(&[b, heads, t, d], 5, 2.0);
-        let op = DecodeAttention {
-            softmax: AttentionSoftmax {
-                scale: 0.25,
-                cap: Some(50.0),
-            },
-        };
-        let masked = op.forward(&q, &k, &v, Some(&mask(b, t, ctx))).unwrap();
-        let unmasked = op.candle_ops(&q, &k, &v, None).unwrap();
-        assert!(worst(&masked, &unmasked) > 1e-2);
+        let qkv = random(&[b, t, heads + 2 * kv_heads, d], 5, 2.0);
+        let table = table(b, t, d, true, 6);
+        let op = op(heads, kv_heads, 0.25, Some(50.0));
+        let got = op.forward(&qkv, &table, (&k, &v), None).unwrap();
+        let masked = op
+            .forward(&qkv, &table, (&k, &v), Some(&mask(b, t, ctx)))
+            .unwrap();
+        assert!(worst(&masked, &got) > 1e-2);
+        // No rotation: cos 1, sin 0.
+        let half = table.narrow(2, 0, d / 2).unwrap();
+        let identity =
+            Tensor::cat(&[half.ones_like().unwrap(), half.zeros_like().unwrap()], 2).unwrap();
+        let unrotated = op.candle_ops(&qkv, &identity, (&k, &v), None).unwrap();
+        assert!(worst(&got, &unrotated) > 1e-2);
         // Heads 0 and 1 share key/value head 0: swapping the two key/value
         // heads changes what heads 0 and 1 see.
         let swapped =
             |x: &Tensor| Tensor::cat(&[x.i((.., 1..2))?, x.i((.., 0..1))?], 1)?.contiguous();
         let (ks, vs) = (swapped(&k).unwrap(), swapped(&v).unwrap());
-        let other = op.candle_ops(&q, &ks, &vs, None).unwrap();
-        assert!(worst(&op.forward(&q, &k, &v, None).unwrap(), &other) > 1e-2);
+        let other = op.candle_ops(&qkv, &table, (&ks, &vs), None).unwrap();
+        assert!(worst(&got, &other) > 1e-2);
+    }
+
+    #[test]
+    fn gemma_2_2b_s_whole_context_fits_the_kernel() {
+        // 48 KiB of shared memory less the reductions' 256 bytes, in f32:
+        // the scores, the query and the value sums' parts (512 threads).
+        assert!(DecodeAttention::fits(8192, 256));
+        assert!(DecodeAttention::fits(11_456, 256));
+        assert!(!DecodeAttention::fits(11_457, 256));
+        assert!(DecodeAttention::fits(11_704, 8));
+        assert!(!DecodeAttention::fits(11_705, 8));
     }
 
     #[test]
     fn wrong_shapes_are_errors() {
-        let op = DecodeAttention {
-            softmax: AttentionSoftmax {
-                scale: 1.0,
-                cap: None,
-            },
-        };
+        let op = op(4, 2, 1.0, None);
         let (k, v) = cache(2, 2, 5, 8, 6);
-        let q = random(&[2, 4, 1, 8], 7, 1.0);
-        let error = |q: &Tensor, k: &Tensor, v: &Tensor, m: Option<&Tensor>| {
-            op.forward(q, k, v, m).unwrap_err().to_string()
+        let qkv = random(&[2, 1, 8, 8], 7, 1.0);
+        let table = table(2, 1, 8, false, 8);
+        let error = |qkv: &Tensor, table: &Tensor, k: &Tensor, v: &Tensor, m: Option<&Tensor>| {
+            op.forward(qkv, table, (k, v), m).unwrap_err().to_string()
         };
-        let three_heads = random(&[2, 3, 1, 8], 7, 1.0);
-        assert!(error(&three_heads, &k, &v, None).contains("for queries [2, 3, 1, 8]"));
+        let seven_heads = random(&[2, 1, 7, 8], 7, 1.0);
+        let e = error(&seven_heads, &table, &k, &v, None);
+        assert!(e.contains("for qkv [2, 1, 7, 8]"), "{e}");
         let short = v.narrow(2, 0, 4).unwrap();
-        assert!(error(&q, &k, &short, None).contains("values [2, 2, 4, 8]"));
-        let e = error(&q, &k, &v, Some(&mask(2, 2, 5)));
+        let e = error(&qkv, &table, &k, &short, None);
+        assert!(e.contains("values [2, 2, 4, 8]"), "{e}");
+        let e = error(&qkv, &table, &k, &v, Some(&mask(2, 2, 5)));
         assert!(
             e.contains("mask F32 [2, 1, 2, 5] for 1 queries over 5 keys"),
             "{e}"
         );
-        let e = error(&q.to_dtype(DType::BF16).unwrap(), &k, &v, None);
-        assert!(e.contains("queries BF16, keys F32"), "{e}");
-        let flat = random(&[2, 4, 8], 7, 1.0);
-        assert!(error(&flat, &k, &v, None).contains("not [b, heads, t, d]"));
+        let e = error(&qkv.to_dtype(DType::BF16).unwrap(), &table, &k, &v, None);
+        assert!(
+            e.contains("qkv BF16, keys F32, values F32, table F32"),
+            "{e}"
+        );
+        let e = error(&qkv, &table.narrow(1, 0, 6).unwrap(), &k, &v, None);
+        assert!(e.contains("table [1, 6]"), "{e}");
+        let flat = random(&[2, 8, 8], 7, 1.0);
+        assert!(error(&flat, &table, &k, &v, None).contains("not [b, t, heads, d]"));
     }
 }

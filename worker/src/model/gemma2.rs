@@ -221,7 +221,6 @@ impl Attention {
         // keys and values go into the cache as they are rotated.
         let qkv = qkv.reshape((b, t, heads + 2 * kv_heads, self.head_dim))?;
         let qkv_heads = QkvHeads { heads, kv_heads };
-        let q = pass.rotary.queries(&qkv, qkv_heads)?;
         let (k, v) = pass.rotary.keys_values(&qkv, qkv_heads, cache, layer)?;
         let context = k.dim(2)?;
         let mask = match self.window {
@@ -231,12 +230,20 @@ impl Attention {
         // f32 probabilities when they are recorded, else straight in the
         // compute dtype for the product with the values.
         let recorded = wants.attention_heads || wants.attention_mean;
-        if pass.decode_attention && !recorded && DecodeAttention::fits(context, self.head_dim) {
+        if let Some(table) = pass.rotary.table()
+            && pass.decode_attention
+            && !recorded
+            && DecodeAttention::fits(context, self.head_dim)
+        {
             let decode = DecodeAttention {
                 softmax: self.softmax,
+                heads: qkv_heads,
             };
-            return self.o_proj.forward(&decode.forward(&q, &k, &v, mask)?);
+            return self
+                .o_proj
+                .forward(&decode.forward(&qkv, table, (&k, &v), mask)?);
         }
+        let q = pass.rotary.queries(&qkv, qkv_heads)?;
 
         // Grouped-query attention without copying keys: the query heads that
         // share a key/value head are stacked along the row axis.

@@ -130,6 +130,15 @@ pub struct PassRotary {
 }
 
 impl PassRotary {
+    /// The pass's rows of the fused table (`[t, d]`, or `[b, t, d]` per
+    /// sequence: cos, then sin), or `None` with `CAPTURE_UNFUSED=1`.
+    pub fn table(&self) -> Option<&Tensor> {
+        match &self.tables {
+            Tables::Fused(table) => Some(table),
+            Tables::Unfused { .. } => None,
+        }
+    }
+
     /// The rotated query heads of `qkv` (`[b, t, heads + 2 kv_heads,
     /// head_dim]`), `[b, heads, t, head_dim]`.
     pub fn queries(&self, qkv: &Tensor, heads: QkvHeads) -> candle_core::Result<Tensor> {
