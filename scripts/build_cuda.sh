@@ -41,9 +41,9 @@ if [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
 fi
 nvcc --version | tail -1
 
-# The elementwise kernels' bodies (rotary, GELU times up) run here, on the
-# CPU, against references written apart from them: their indexing and
-# arithmetic checked before any GPU sees them.
+# The kernels' bodies (rotary, GELU times up, gather, decode attention,
+# soft-cap, argmax) run here, on the CPU, against references written apart
+# from them: their indexing and arithmetic checked before any GPU sees them.
 bash scripts/check_kernels.sh
 
 # Unversioned names for the linker.

@@ -29,6 +29,7 @@
 
 // A pair's rotation is `rotate_pair` (common.cuh), which
 // decode_attention.cu shares.
+
 // The shape of one pass's stacked projection.
 struct QkvShape {
     int b, t, heads, kv_heads, d;
