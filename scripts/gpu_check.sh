@@ -21,7 +21,11 @@
 #    soft-cap and argmax), batches of 1 and 16, for the side-by-side ratio;
 # 5. the same with CAPTURE_CUDA_DEFAULTS=1 (the driver's memory pool
 #    releasing freed memory at every synchronisation, cudarc's events on
-#    every allocation; see capture_kernels::device), batches of 1 and 16.
+#    every allocation; see capture_kernels::device), batches of 1 and 16;
+# 6. batch 1 after a 2,000-token prompt, default and CAPTURE_UNFUSED=1: the
+#    decode attention kernel reads a long context with one block per query
+#    row (8 of the GPU's multiprocessors at batch 1), where the matmuls
+#    spread it over the card.
 #
 # Every step runs even when an earlier one fails; the summary at the end
 # gives each step's exit status. All output goes to OUT_DIR/all.log, the bench results to bench.json.
@@ -69,7 +73,11 @@ step bench-unfused 120 env CAPTURE_UNFUSED=1 /tmp/gpu-bin/worker bench --device 
 step bench-cuda-defaults 120 env CAPTURE_CUDA_DEFAULTS=1 /tmp/gpu-bin/worker bench --device cuda \
     --new-tokens 20 --prompt-tokens 30 --batch-sizes 16 --repeats 2 --json "$out/bench-cuda-defaults.json"
 
+long=(--new-tokens 20 --prompt-tokens 2000 --batch-sizes 1 --repeats 2)
+step bench-long 90 /tmp/gpu-bin/worker bench --device cuda "${long[@]}" --json "$out/bench-long.json"
+step bench-long-unfused 90 env CAPTURE_UNFUSED=1 /tmp/gpu-bin/worker bench --device cuda \
+    "${long[@]}" --json "$out/bench-long-unfused.json"
 echo "=== summary"
-for name in tests capture-cpu capture-cuda-bf16 capture-cuda-f32 compare-f32 compare-bf16 bench bench-unfused bench-cuda-defaults; do
+for name in tests capture-cpu capture-cuda-bf16 capture-cuda-f32 compare-f32 compare-bf16 bench bench-unfused bench-cuda-defaults bench-long bench-long-unfused; do
     echo "$name: exit ${status[$name]:-not run}"
 done | tee "$out/summary.txt"
