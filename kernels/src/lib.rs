@@ -62,7 +62,8 @@ pub const DECODE_ATTENTION_BLOCK: usize = 512;
 
 /// Dynamic shared memory a block of the decode attention kernel may use:
 /// the 48 KiB every CUDA device gives a block without opting in to more,
-/// less 256 bytes for the reductions' static shared memory (128 bytes).
+/// less 256 bytes for the static shared memory of its two reductions (the
+/// maximum's and the sum's, 128 bytes each).
 const SHARED_BYTES: usize = 48 * 1024 - 256;
 
 /// The decode attention kernel's shared memory per block, for `ctx` keys of
