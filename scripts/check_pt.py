@@ -3,31 +3,35 @@
 
 Usage:
   check_pt.py describe FILE.pt...        print a JSON description of each file
-  check_pt.py verify FILE.pt EXPECTED.json [FILE.pt EXPECTED.json ...]
+  check_pt.py verify [--no-offset-calculation] [--sha256] FILE.pt EXPECTED.json [...]
                                          load each file every way torch can and
                                          compare with the expected description
   check_pt.py fixtures OUT_DIR           write the fixtures (FILE.pt + FILE.json)
 
 A description is JSON: tensors are {"tensor": {"dtype", "shape", "values"}}
-(values flattened row-major, floats exact), dicts {"dict": [[key, value], ...]}
-in insertion order, {"list": [...]}, {"tuple": [...]}, {"str": s}, {"int": i},
-{"float": x}, {"bool": b}, and null for None. The Rust tests in
-format/src/pt/tests/ produce the same descriptions.
+(values flattened row-major, floats exact; with `--sha256`, "sha256", the
+digest of their row-major little-endian bytes, instead), dicts
+{"dict": [[key, value], ...]} in insertion order, {"list": [...]},
+{"tuple": [...]}, {"str": s}, {"int": i}, {"float": x}, {"bool": b}, and null
+for None. The Rust tests in format/src/pt/tests/ produce the same
+descriptions.
 
 `verify` loads with weights_only=True, with mmap=True, with
 map_location="meta" and with torch's offset calculation
 (`calculate_storage_offsets`) checked by TORCH_SERIALIZATION_DEBUG, and checks
-that every entry's data is 64-byte aligned.
+that every entry's data is 64-byte aligned. `--no-offset-calculation` leaves
+out the offset-calculating load: for files laid out as if they were past
+4 GiB (zip64 fields on small entries), whose offsets torch's calculation,
+which assumes miniz's 4 GiB bound, cannot predict.
 """
 
 import collections
+import hashlib
 import json
 import os
 import struct
 import sys
 import zipfile
-
-os.environ.setdefault("TORCH_SERIALIZATION_DEBUG", "1")
 
 import torch  # noqa: E402
 from torch.utils.serialization import config as serialization_config  # noqa: E402
@@ -40,25 +44,30 @@ DTYPES = {
 }
 
 
-def describe(value, with_values=True):
-    """JSON-able description of a loaded value."""
+def describe(value, values="list"):
+    """JSON-able description of a loaded value. A tensor's values are a
+    list ("list"), the SHA-256 of its row-major little-endian bytes
+    ("sha256": for tensors too large for a list) or left out (None)."""
     if isinstance(value, torch.Tensor):
         if value.dtype not in DTYPES:
             raise TypeError(f"unexpected dtype {value.dtype}")
         out = {"dtype": DTYPES[value.dtype], "shape": list(value.shape)}
-        if with_values:
+        if values == "list":
             flat = value.reshape(-1)
             out["values"] = (flat if value.dtype == torch.int64 else flat.double()).tolist()
+        elif values == "sha256":
+            raw = value.contiguous().reshape(-1).view(torch.uint8).numpy()
+            out["sha256"] = hashlib.sha256(raw).hexdigest()
         return {"tensor": out}
     if isinstance(value, dict):
         for key in value:
             if not isinstance(key, str):
                 raise TypeError(f"dict key of type {type(key).__name__}")
-        return {"dict": [[k, describe(v, with_values)] for k, v in value.items()]}
+        return {"dict": [[k, describe(v, values)] for k, v in value.items()]}
     if isinstance(value, list):
-        return {"list": [describe(v, with_values) for v in value]}
+        return {"list": [describe(v, values) for v in value]}
     if isinstance(value, tuple):
-        return {"tuple": [describe(v, with_values) for v in value]}
+        return {"tuple": [describe(v, values) for v in value]}
     if value is None:
         return None
     for kind, cls in (("bool", bool), ("int", int), ("float", float), ("str", str)):
@@ -69,28 +78,32 @@ def describe(value, with_values=True):
 
 def data_offsets(path):
     """(entry name, data offset) of every zip entry, from the local headers."""
-    with open(path, "rb") as f:
-        data = f.read()
     out = []
-    for info in zipfile.ZipFile(path).infolist():
-        name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
-        out.append((info.filename, info.header_offset + 30 + name_len + extra_len))
+    with open(path, "rb") as f:
+        for info in zipfile.ZipFile(path).infolist():
+            f.seek(info.header_offset + 26)
+            name_len, extra_len = struct.unpack("<HH", f.read(4))
+            out.append((info.filename, info.header_offset + 30 + name_len + extra_len))
     return out
 
 
-def load_all_ways(path):
+def load_all_ways(path, offset_calculation=True, values="list"):
     """Descriptions of `path` loaded each way; raises on any mismatch."""
-    plain = describe(torch.load(path, weights_only=True))
-    mmapped = describe(torch.load(path, weights_only=True, mmap=True))
-    serialization_config.load.calculate_storage_offsets = True
-    try:
-        offsets = describe(torch.load(path, weights_only=True, mmap=True))
-    finally:
-        serialization_config.load.calculate_storage_offsets = False
-    meta = describe(torch.load(path, weights_only=True, map_location="meta"), with_values=False)
+    # TORCH_SERIALIZATION_DEBUG makes plain loads check the calculation too.
+    os.environ["TORCH_SERIALIZATION_DEBUG"] = "1" if offset_calculation else "0"
+    plain = describe(torch.load(path, weights_only=True), values)
+    mmapped = describe(torch.load(path, weights_only=True, mmap=True), values)
+    offsets = mmapped
+    if offset_calculation:
+        serialization_config.load.calculate_storage_offsets = True
+        try:
+            offsets = describe(torch.load(path, weights_only=True, mmap=True), values)
+        finally:
+            serialization_config.load.calculate_storage_offsets = False
+    meta = describe(torch.load(path, weights_only=True, map_location="meta"), values=None)
     if not plain == mmapped == offsets:
         raise AssertionError(f"{path}: mmap or offset-calculating loads differ from a plain load")
-    if meta != describe(torch.load(path, weights_only=True), with_values=False):
+    if meta != describe(torch.load(path, weights_only=True, mmap=True), values=None):
         raise AssertionError(f"{path}: meta load differs")
     for name, offset in data_offsets(path):
         if offset % 64:
@@ -104,6 +117,9 @@ def cmd_describe(paths):
 
 
 def cmd_verify(args):
+    offset_calculation = "--no-offset-calculation" not in args
+    values = "sha256" if "--sha256" in args else "list"
+    args = [a for a in args if a not in ("--no-offset-calculation", "--sha256")]
     if not args or len(args) % 2:
         sys.exit("verify takes pairs of FILE.pt EXPECTED.json")
     failed = False
@@ -111,7 +127,7 @@ def cmd_verify(args):
         with open(expected_path) as f:
             expected = json.load(f)
         try:
-            actual = load_all_ways(path)
+            actual = load_all_ways(path, offset_calculation, values)
         except Exception as e:  # report every file, then fail
             print(f"FAIL {path}: {type(e).__name__}: {e}")
             failed = True

@@ -11,7 +11,7 @@ use super::pickle_write::pickle_value;
 use super::tensor::{PtDtype, PtTensor};
 use super::tensor_ref::{TensorRef, TensorSpan};
 use super::value::{PtSkeleton, PtValue};
-use super::zip::{ZipDirectory, ZipEntry, ZipWriter};
+use super::zip::{Zip64, ZipDirectory, ZipEntry, ZipWriter};
 
 /// Bytes of zip overhead budgeted per entry when sizing the output buffer.
 const ENTRY_OVERHEAD: usize = 256;
@@ -23,8 +23,19 @@ const MATERIALISE_FACTOR: usize = 64;
 const MATERIALISE_SLACK: usize = 64 << 20;
 
 /// Encodes `value` as a complete `.pt` file whose records live under
-/// `archive_name/` (torch uses the file stem).
+/// `archive_name/` (torch uses the file stem). Files past 4 GiB carry zip64
+/// fields where torch's writer puts them.
 pub fn encode_pt(value: &PtValue, archive_name: &str) -> Result<Vec<u8>, PtError> {
+    encode_pt_with(value, archive_name, Zip64::AS_TORCH)
+}
+
+/// [`encode_pt`] with the bound from which sizes and offsets go to zip64
+/// fields.
+pub(super) fn encode_pt_with(
+    value: &PtValue,
+    archive_name: &str,
+    zip64: Zip64,
+) -> Result<Vec<u8>, PtError> {
     if archive_name.is_empty() || archive_name.contains(['/', '\\']) {
         return Err(PtError::Unsupported(format!(
             "archive name {archive_name:?}"
@@ -34,7 +45,7 @@ pub fn encode_pt(value: &PtValue, archive_name: &str) -> Result<Vec<u8>, PtError
     let data_bytes: usize = pickled.storages.iter().map(|t| t.data.len()).sum();
     let capacity =
         pickled.pickle.len() + data_bytes + (pickled.storages.len() + 8) * ENTRY_OVERHEAD;
-    let mut zip = ZipWriter::with_capacity(capacity);
+    let mut zip = ZipWriter::with_capacity(capacity, zip64);
     let record = |name: &str| format!("{archive_name}/{name}");
     zip.add(&record("data.pkl"), &pickled.pickle)?;
     zip.add(&record(".format_version"), b"1")?;
@@ -46,7 +57,7 @@ pub fn encode_pt(value: &PtValue, archive_name: &str) -> Result<Vec<u8>, PtError
     zip.add(&record("version"), b"3\n")?;
     let id = serialization_id(&zip);
     zip.add(&record(".data/serialization_id"), id.as_bytes())?;
-    zip.finish()
+    Ok(zip.finish())
 }
 
 /// torch writes a random 40-digit id; ours is derived from the entries

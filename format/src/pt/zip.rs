@@ -4,9 +4,12 @@
 //! The writer mirrors `torch.save` byte for byte in structure: every entry's
 //! data starts at a 64-byte aligned offset (padding lives in an `FB` extra
 //! field of the local header), non-empty entries carry a data descriptor,
-//! and no zip64 records are written (archives are limited to 4 GiB). torch's
-//! optional offset calculation (`calculate_storage_offsets`) relies on that
-//! layout. The reader also accepts zip64 archives.
+//! and the end records are zip64 ones followed by the plain one. Entries
+//! whose size or header offset does not fit 32 bits get zip64 extended
+//! information fields (before the padding, in the local header and the
+//! central directory) and a data descriptor with 64-bit sizes, as miniz
+//! writes them, so archives may pass 4 GiB. torch's optional offset
+//! calculation (`calculate_storage_offsets`) relies on that layout.
 
 use std::collections::HashMap;
 
@@ -36,127 +39,237 @@ const FLAG_DESCRIPTOR: u16 = 0x0008;
 const FLAG_UTF8: u16 = 0x0800;
 /// Header id of the padding extra field torch writes.
 const PADDING_EXTRA_ID: &[u8; 2] = b"FB";
+/// Header id of the zip64 extended information extra field.
+const ZIP64_EXTRA_ID: u16 = 0x0001;
+/// "Version made by" and "version needed" of miniz's zip64 end record.
+const ZIP64_VERSION_MADE_BY: u16 = 0x031E;
+const ZIP64_VERSION_NEEDED: u16 = 45;
+/// A 32-bit field holding this defers to the zip64 field.
+const WIDE32: u32 = u32::MAX;
+/// A 16-bit entry count holding this defers to the zip64 end record.
+const WIDE16: u16 = u16::MAX;
+
+/// From which value on a [`ZipWriter`] moves sizes and header offsets into
+/// zip64 fields (their 32-bit fields then hold `0xFFFFFFFF`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Zip64 {
+    pub(super) from: u64,
+}
+
+impl Zip64 {
+    /// miniz's (torch's writer's) choice: values that do not fit 32 bits,
+    /// and `0xFFFFFFFF` itself. A lower bound lays a small archive out the
+    /// way one past 4 GiB is (for tests).
+    pub(super) const AS_TORCH: Zip64 = Zip64 {
+        from: WIDE32 as u64,
+    };
+
+    /// Whether a value of a 32-bit size or offset field goes to zip64.
+    fn wide(self, value: u64) -> bool {
+        value >= self.from.min(u64::from(WIDE32))
+    }
+
+    /// `value` for its 32-bit field: itself, or the placeholder.
+    fn field32(self, value: u64) -> u32 {
+        if self.wide(value) {
+            WIDE32
+        } else {
+            value as u32
+        }
+    }
+
+    /// An entry count for its 16-bit field: itself, or the placeholder.
+    fn field16(count: u64) -> u16 {
+        u16::try_from(count)
+            .ok()
+            .filter(|&c| c < WIDE16)
+            .unwrap_or(WIDE16)
+    }
+
+    /// The zip64 extended information field miniz writes for an entry of
+    /// `size` bytes at `header_offset` (empty if neither needs it): the
+    /// uncompressed and compressed sizes if the size is wide, then the
+    /// offset if it is. The compressed size is `compressed`: the local
+    /// header, written before the data, has 0 there.
+    fn extra(self, size: u64, compressed: u64, header_offset: u64) -> Vec<u8> {
+        let mut values = Vec::with_capacity(3);
+        if self.wide(size) {
+            values.extend([size, compressed]);
+        }
+        if self.wide(header_offset) {
+            values.push(header_offset);
+        }
+        if values.is_empty() {
+            return Vec::new();
+        }
+        let mut extra = Vec::with_capacity(4 + 8 * values.len());
+        put_u16(&mut extra, ZIP64_EXTRA_ID);
+        put_u16(&mut extra, (8 * values.len()) as u16);
+        for value in values {
+            put_u64(&mut extra, value);
+        }
+        extra
+    }
+}
 
 /// Builds a stored zip archive in memory.
 pub(super) struct ZipWriter {
     buf: Vec<u8>,
-    central: Vec<CentralRecord>,
+    entries: Vec<Entry>,
+    zip64: Zip64,
 }
 
-/// What the central directory needs to know about one written entry.
-struct CentralRecord {
+/// What the headers say about one entry.
+struct Entry {
     name: String,
-    flags: u16,
     crc: u32,
-    size: u32,
-    header_offset: u32,
+    size: u64,
+    header_offset: u64,
 }
 
-fn too_large() -> PtError {
-    PtError::Limit("archive larger than 4 GiB (zip64 is not written)".into())
+impl Entry {
+    fn flags(&self) -> u16 {
+        if self.size == 0 {
+            FLAG_UTF8
+        } else {
+            FLAG_UTF8 | FLAG_DESCRIPTOR
+        }
+    }
+
+    /// Appends the local header (the entry's name, its zip64 field if any,
+    /// and the padding that aligns the data that follows).
+    fn local_header(&self, zip64: Zip64, buf: &mut Vec<u8>) {
+        let extra = zip64.extra(self.size, 0, self.header_offset);
+        // Data starts after the header, the name, the zip64 field and at
+        // least the 4 bytes of the padding field's own header.
+        let unpadded =
+            self.header_offset as usize + LOCAL_HEADER_LEN + self.name.len() + extra.len() + 4;
+        let padding = unpadded.next_multiple_of(ALIGNMENT) - unpadded;
+        put_u32(buf, LOCAL_SIG);
+        put_u16(buf, 0); // version needed
+        put_u16(buf, self.flags());
+        put_u16(buf, 0); // method: stored
+        put_u32(buf, 0); // time and date
+        buf.extend_from_slice(&[0; 12]); // crc and sizes: in the descriptor
+        put_u16(buf, self.name.len() as u16);
+        put_u16(buf, (extra.len() + 4 + padding) as u16);
+        buf.extend_from_slice(self.name.as_bytes());
+        buf.extend_from_slice(&extra);
+        buf.extend_from_slice(PADDING_EXTRA_ID);
+        put_u16(buf, padding as u16);
+        buf.resize(buf.len() + padding, b'Z');
+    }
+
+    /// Appends the data descriptor (none for an empty entry). miniz's has
+    /// 64-bit sizes exactly when the local header has a zip64 field.
+    fn descriptor(&self, zip64: Zip64, buf: &mut Vec<u8>) {
+        if self.size == 0 {
+            return;
+        }
+        put_u32(buf, DESCRIPTOR_SIG);
+        put_u32(buf, self.crc);
+        if zip64.wide(self.size) || zip64.wide(self.header_offset) {
+            put_u64(buf, self.size);
+            put_u64(buf, self.size);
+        } else {
+            put_u32(buf, self.size as u32);
+            put_u32(buf, self.size as u32);
+        }
+    }
+
+    /// Appends the entry's central directory header.
+    fn central_header(&self, zip64: Zip64, buf: &mut Vec<u8>) {
+        let extra = zip64.extra(self.size, self.size, self.header_offset);
+        put_u32(buf, CENTRAL_SIG);
+        put_u16(buf, 0); // version made by
+        put_u16(buf, 0); // version needed
+        put_u16(buf, self.flags());
+        put_u16(buf, 0); // method: stored
+        put_u32(buf, 0); // time and date
+        put_u32(buf, self.crc);
+        put_u32(buf, zip64.field32(self.size));
+        put_u32(buf, zip64.field32(self.size));
+        put_u16(buf, self.name.len() as u16);
+        put_u16(buf, extra.len() as u16);
+        buf.extend_from_slice(&[0; 10]); // comment, disk, attributes
+        put_u32(buf, zip64.field32(self.header_offset));
+        buf.extend_from_slice(self.name.as_bytes());
+        buf.extend_from_slice(&extra);
+    }
+}
+
+/// Appends the end records after a central directory of `count` entries,
+/// `cd_size` bytes at `cd_offset`: the zip64 one and its locator (which
+/// miniz writes for every archive torch saves), then the plain one.
+fn end_records(zip64: Zip64, count: u64, cd_offset: u64, cd_size: u64, buf: &mut Vec<u8>) {
+    put_u32(buf, ZIP64_EOCD_SIG);
+    put_u64(buf, (ZIP64_EOCD_LEN - 12) as u64); // size of the rest
+    put_u16(buf, ZIP64_VERSION_MADE_BY);
+    put_u16(buf, ZIP64_VERSION_NEEDED);
+    put_u32(buf, 0); // disk numbers
+    put_u32(buf, 0);
+    put_u64(buf, count);
+    put_u64(buf, count);
+    put_u64(buf, cd_size);
+    put_u64(buf, cd_offset);
+    put_u32(buf, ZIP64_LOCATOR_SIG);
+    put_u32(buf, 0); // disk of the zip64 end record
+    put_u64(buf, cd_offset + cd_size);
+    put_u32(buf, 1); // disks
+    put_u32(buf, EOCD_SIG);
+    put_u32(buf, 0); // disk numbers
+    put_u16(buf, Zip64::field16(count));
+    put_u16(buf, Zip64::field16(count));
+    put_u32(buf, zip64.field32(cd_size));
+    put_u32(buf, zip64.field32(cd_offset));
+    put_u16(buf, 0); // comment length
 }
 
 impl ZipWriter {
     /// An empty archive with room for `capacity` bytes.
-    pub(super) fn with_capacity(capacity: usize) -> Self {
+    pub(super) fn with_capacity(capacity: usize, zip64: Zip64) -> Self {
         ZipWriter {
             buf: Vec::with_capacity(capacity),
-            central: Vec::new(),
+            entries: Vec::new(),
+            zip64,
         }
     }
 
     /// Name, CRC-32 and size of each entry written so far.
-    pub(super) fn entries(&self) -> impl Iterator<Item = (&str, u32, u32)> {
-        self.central
+    pub(super) fn entries(&self) -> impl Iterator<Item = (&str, u32, u64)> {
+        self.entries
             .iter()
-            .map(|r| (r.name.as_str(), r.crc, r.size))
+            .map(|e| (e.name.as_str(), e.crc, e.size))
     }
 
     /// Appends an entry `name` holding `data`, its data 64-byte aligned.
     pub(super) fn add(&mut self, name: &str, data: &[u8]) -> Result<(), PtError> {
-        let header_offset = u32::try_from(self.buf.len())
-            .ok()
-            .filter(|&o| o < u32::MAX)
-            .ok_or_else(too_large)?;
-        let size = u32::try_from(data.len())
-            .ok()
-            .filter(|&s| s < u32::MAX)
-            .ok_or_else(too_large)?;
-        let name_len = u16::try_from(name.len())
-            .map_err(|_| PtError::Limit(format!("zip entry name too long: {name}")))?;
-        // Data starts after the header, the name and at least the 4 bytes of
-        // the padding field's own header.
-        let unpadded = self.buf.len() + LOCAL_HEADER_LEN + name.len() + 4;
-        let padding = unpadded.next_multiple_of(ALIGNMENT) - unpadded;
-        let crc = crc32(data);
-        let flags = if data.is_empty() {
-            FLAG_UTF8
-        } else {
-            FLAG_UTF8 | FLAG_DESCRIPTOR
-        };
-
-        let buf = &mut self.buf;
-        put_u32(buf, LOCAL_SIG);
-        put_u16(buf, 0); // version needed
-        put_u16(buf, flags);
-        put_u16(buf, 0); // method: stored
-        put_u32(buf, 0); // time and date
-        buf.extend_from_slice(&[0; 12]); // crc and sizes: in the descriptor
-        put_u16(buf, name_len);
-        put_u16(buf, (4 + padding) as u16);
-        buf.extend_from_slice(name.as_bytes());
-        buf.extend_from_slice(PADDING_EXTRA_ID);
-        put_u16(buf, padding as u16);
-        buf.resize(buf.len() + padding, b'Z');
-        buf.extend_from_slice(data);
-        if !data.is_empty() {
-            put_u32(buf, DESCRIPTOR_SIG);
-            put_u32(buf, crc);
-            put_u32(buf, size);
-            put_u32(buf, size);
+        if u16::try_from(name.len()).is_err() {
+            return Err(PtError::Limit(format!("zip entry name too long: {name}")));
         }
-        self.central.push(CentralRecord {
+        let entry = Entry {
             name: name.to_owned(),
-            flags,
-            crc,
-            size,
-            header_offset,
-        });
+            crc: crc32(data),
+            size: data.len() as u64,
+            header_offset: self.buf.len() as u64,
+        };
+        entry.local_header(self.zip64, &mut self.buf);
+        self.buf.extend_from_slice(data);
+        entry.descriptor(self.zip64, &mut self.buf);
+        self.entries.push(entry);
         Ok(())
     }
 
-    /// Writes the central directory and end record and returns the archive.
-    pub(super) fn finish(mut self) -> Result<Vec<u8>, PtError> {
-        let count = u16::try_from(self.central.len())
-            .ok()
-            .filter(|&c| c < u16::MAX)
-            .ok_or_else(|| PtError::Limit("more than 65534 zip entries".into()))?;
-        let cd_offset = u32::try_from(self.buf.len()).map_err(|_| too_large())?;
-        let buf = &mut self.buf;
-        for record in &self.central {
-            put_u32(buf, CENTRAL_SIG);
-            put_u16(buf, 0); // version made by
-            put_u16(buf, 0); // version needed
-            put_u16(buf, record.flags);
-            put_u16(buf, 0); // method: stored
-            put_u32(buf, 0); // time and date
-            put_u32(buf, record.crc);
-            put_u32(buf, record.size);
-            put_u32(buf, record.size);
-            put_u16(buf, record.name.len() as u16);
-            buf.extend_from_slice(&[0; 12]); // extra, comment, disk, attributes
-            put_u32(buf, record.header_offset);
-            buf.extend_from_slice(record.name.as_bytes());
+    /// Writes the central directory and end records and returns the archive.
+    pub(super) fn finish(mut self) -> Vec<u8> {
+        let cd_offset = self.buf.len() as u64;
+        for entry in &self.entries {
+            entry.central_header(self.zip64, &mut self.buf);
         }
-        let cd_size = u32::try_from(buf.len() - cd_offset as usize).map_err(|_| too_large())?;
-        put_u32(buf, EOCD_SIG);
-        put_u32(buf, 0); // disk numbers
-        put_u16(buf, count);
-        put_u16(buf, count);
-        put_u32(buf, cd_size);
-        put_u32(buf, cd_offset);
-        put_u16(buf, 0); // comment length
-        Ok(self.buf)
+        let cd_size = self.buf.len() as u64 - cd_offset;
+        let count = self.entries.len() as u64;
+        end_records(self.zip64, count, cd_offset, cd_size, &mut self.buf);
+        self.buf
     }
 }
 
@@ -165,6 +278,10 @@ fn put_u16(buf: &mut Vec<u8>, v: u16) {
 }
 
 fn put_u32(buf: &mut Vec<u8>, v: u32) {
+    buf.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u64(buf: &mut Vec<u8>, v: u64) {
     buf.extend_from_slice(&v.to_le_bytes());
 }
 
@@ -510,10 +627,10 @@ mod tests {
 
     #[test]
     fn written_archives_read_back() {
-        let mut zip = ZipWriter::with_capacity(0);
+        let mut zip = ZipWriter::with_capacity(0, Zip64::AS_TORCH);
         zip.add("a/x", b"hello").unwrap();
         zip.add("a/empty", b"").unwrap();
-        let mut bytes = zip.finish().unwrap();
+        let mut bytes = zip.finish();
         let expected = vec![
             ("a/x".to_owned(), b"hello".to_vec()),
             ("a/empty".to_owned(), Vec::new()),
@@ -577,12 +694,196 @@ mod tests {
 
     #[test]
     fn compressed_entries_are_rejected() {
-        let mut zip = ZipWriter::with_capacity(0);
+        let mut zip = ZipWriter::with_capacity(0, Zip64::AS_TORCH);
         zip.add("a/x", b"hello").unwrap();
-        let mut bytes = zip.finish().unwrap();
-        let central = bytes.len() - EOCD_LEN - CENTRAL_HEADER_LEN - 3;
+        let mut bytes = zip.finish();
+        let end_records = ZIP64_EOCD_LEN + ZIP64_LOCATOR_LEN + EOCD_LEN;
+        let central = bytes.len() - end_records - CENTRAL_HEADER_LEN - 3;
         bytes[central + 10] = 8; // deflate
         let err = ZipDirectory::parse_from_tail(&bytes, bytes.len() as u64).unwrap_err();
         assert!(err.to_string().contains("compressed (method 8)"), "{err}");
+    }
+
+    /// Bytes from hex, whitespace ignored.
+    fn hex(text: &str) -> Vec<u8> {
+        let digits: String = text.split_whitespace().collect();
+        (0..digits.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// What torch 2.15's `torch.save({'big': torch.ones(1_100_000_000),
+    /// 'small': torch.arange(5.)})` wrote (a 4,400,001,861-byte file, read
+    /// back with Python's `struct`): the 4.4 GB storage `big/data/0` at
+    /// byte 662, `big/data/1` past 4 GiB, and the end records.
+    #[test]
+    fn headers_past_4_gib_are_the_bytes_torch_writes() {
+        let big = Entry {
+            name: "big/data/0".into(),
+            crc: 2_094_921_195,
+            size: 4_400_000_000,
+            header_offset: 662,
+        };
+        let small = Entry {
+            name: "big/data/1".into(),
+            crc: 1_758_053_516,
+            size: 20,
+            header_offset: 4_400_000_792,
+        };
+        let zip64 = Zip64::AS_TORCH;
+        let local = |entry: &Entry| {
+            let mut buf = Vec::new();
+            entry.local_header(zip64, &mut buf);
+            buf
+        };
+        let padded = |bytes: &str, padding: usize| {
+            let mut out = hex(bytes);
+            out.resize(out.len() + padding, b'Z');
+            out
+        };
+        let local_start = "504b0304 0000 0808 0000 00000000 00000000 00000000 00000000";
+        let expected = format!(
+            "{local_start} 0a00 4200 {} 0100 1000 00ac420601000000 0000000000000000 4642 2a00",
+            hex_of(b"big/data/0")
+        );
+        assert_eq!(local(&big), padded(&expected, 42));
+        assert_eq!((big.header_offset as usize + local(&big).len()) % 64, 0);
+        let expected = format!(
+            "{local_start} 0a00 4000 {} 0100 0800 18af420601000000 4642 3000",
+            hex_of(b"big/data/1")
+        );
+        assert_eq!(local(&small), padded(&expected, 48));
+
+        let descriptor = |entry: &Entry| {
+            let mut buf = Vec::new();
+            entry.descriptor(zip64, &mut buf);
+            buf
+        };
+        let expected = "504b0708 ebf5dd7c 00ac420601000000 00ac420601000000";
+        assert_eq!(descriptor(&big), hex(expected));
+        let expected = "504b0708 8cc4c968 1400000000000000 1400000000000000";
+        assert_eq!(descriptor(&small), hex(expected));
+
+        let central = |entry: &Entry| {
+            let mut buf = Vec::new();
+            entry.central_header(zip64, &mut buf);
+            buf
+        };
+        let central_start = "504b0102 0000 0000 0808 0000 00000000";
+        let expected = format!(
+            "{central_start} ebf5dd7c ffffffff ffffffff 0a00 1400 0000 0000 0000 00000000 \
+             96020000 {} 0100 1000 00ac420601000000 00ac420601000000",
+            hex_of(b"big/data/0")
+        );
+        assert_eq!(central(&big), hex(&expected));
+        let expected = format!(
+            "{central_start} 8cc4c968 14000000 14000000 0a00 0c00 0000 0000 0000 00000000 \
+             ffffffff {} 0100 0800 18af420601000000",
+            hex_of(b"big/data/1")
+        );
+        assert_eq!(central(&small), hex(&expected));
+
+        let mut end = Vec::new();
+        end_records(zip64, 8, 4_400_001_216, 547, &mut end);
+        let expected = "504b0606 2c00000000000000 1e03 2d00 00000000 00000000 \
+             0800000000000000 0800000000000000 2302000000000000 c0b0420601000000 \
+             504b0607 00000000 e3b2420601000000 01000000 \
+             504b0506 0000 0000 0800 0800 23020000 ffffffff 0000";
+        assert_eq!(end, hex(expected));
+    }
+
+    fn hex_of(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Small entries early in the archive keep torch's plain layout: no
+    /// zip64 field and a 16-byte descriptor; the end records are zip64
+    /// ones with the plain record holding the real values (torch's small
+    /// files, `format/tests/fixtures/pt`, end the same way).
+    #[test]
+    fn small_archives_have_plain_entries_and_zip64_end_records() {
+        let entry = Entry {
+            name: "a/data/0".into(),
+            crc: 7,
+            size: 40,
+            header_offset: 1_000,
+        };
+        let (mut local, mut descriptor, mut central) = (Vec::new(), Vec::new(), Vec::new());
+        entry.local_header(Zip64::AS_TORCH, &mut local);
+        entry.descriptor(Zip64::AS_TORCH, &mut descriptor);
+        entry.central_header(Zip64::AS_TORCH, &mut central);
+        assert_eq!(&local[30 + 8..30 + 10], PADDING_EXTRA_ID);
+        assert_eq!(descriptor.len(), 16);
+        assert_eq!(central.len(), CENTRAL_HEADER_LEN + 8);
+        let fixture = format!("{}/tests/fixtures/pt/nested.pt", env!("CARGO_MANIFEST_DIR"));
+        let torch = std::fs::read(fixture).unwrap();
+        let mut zip = ZipWriter::with_capacity(0, Zip64::AS_TORCH);
+        zip.add("a/x", b"hello").unwrap();
+        let ours = zip.finish();
+        let end = ZIP64_EOCD_LEN + ZIP64_LOCATOR_LEN + EOCD_LEN;
+        let signature = |bytes: &[u8], at: usize| bytes[bytes.len() - at..][..4].to_vec();
+        for at in [end, end - ZIP64_EOCD_LEN, EOCD_LEN] {
+            assert_eq!(
+                signature(&ours, at),
+                signature(&torch, at),
+                "{at} bytes from the end"
+            );
+        }
+    }
+
+    /// An archive whose zip64 bound is lowered is laid out the way one past
+    /// 4 GiB is: entries from the bound on get zip64 fields and 24-byte
+    /// descriptors, and read back the same.
+    #[test]
+    fn archives_with_zip64_entries_read_back() {
+        let entries: Vec<(String, Vec<u8>)> = (0..6)
+            .map(|i| (format!("a/data/{i}"), vec![i as u8; 90 * i]))
+            .collect();
+        for from in [0, 1, 100, 300, 1_000] {
+            let mut zip = ZipWriter::with_capacity(0, Zip64 { from });
+            for (name, data) in &entries {
+                zip.add(name, data).unwrap();
+            }
+            let bytes = zip.finish();
+            assert_eq!(contents(&bytes), entries, "zip64 from {from}");
+            let directory = ZipDirectory::parse_from_tail(&bytes, bytes.len() as u64).unwrap();
+            for entry in directory.entries() {
+                let data = entry
+                    .data_offset(&bytes[entry.header_offset as usize..])
+                    .unwrap();
+                assert_eq!(data % 64, 0, "{} from {from}", entry.name);
+                let wide = entry.size >= from || entry.header_offset >= from;
+                let descriptor = &bytes[(data + entry.size) as usize..];
+                if entry.size > 0 {
+                    assert_eq!(&descriptor[..4], &DESCRIPTOR_SIG.to_le_bytes());
+                    let next = if wide { 24 } else { 16 };
+                    let after = &descriptor[next..][..4];
+                    assert!(
+                        after == LOCAL_SIG.to_le_bytes() || after == CENTRAL_SIG.to_le_bytes(),
+                        "{} from {from}: descriptor of {next} bytes",
+                        entry.name
+                    );
+                }
+            }
+        }
+    }
+
+    /// Counts from 65,535 on are in the zip64 end record only, as miniz
+    /// writes them (torch's reader test: `torch_loads::*_65535_entries`).
+    #[test]
+    fn more_than_65534_entries_read_back() {
+        assert_eq!(Zip64::field16(65_534), 65_534);
+        assert_eq!(Zip64::field16(65_535), 0xFFFF);
+        assert_eq!(Zip64::field16(1 << 40), 0xFFFF);
+        let mut zip = ZipWriter::with_capacity(0, Zip64::AS_TORCH);
+        for i in 0..70_000u32 {
+            zip.add(&format!("a/{i}"), &i.to_le_bytes()).unwrap();
+        }
+        let bytes = zip.finish();
+        let directory = ZipDirectory::parse_from_tail(&bytes, bytes.len() as u64).unwrap();
+        assert_eq!(directory.entries().len(), 70_000);
+        let last = directory.get("a/69999").unwrap();
+        assert_eq!(last.data(&bytes).unwrap(), 69_999u32.to_le_bytes());
     }
 }

@@ -6,15 +6,28 @@ mod fixtures;
 mod layout;
 mod proptests;
 mod round_trip;
+mod torch_loads;
 
 use serde_json::{Value as Json, json};
+use sha2::{Digest, Sha256};
 
 use super::{PtDtype, PtTensor, PtValue, StoreDtype};
 use crate::pt::zip::ZipWriter;
 
 /// The description `scripts/check_pt.py` prints for a value torch loaded.
 fn describe(value: &PtValue) -> Json {
-    let all = |items: &[PtValue]| items.iter().map(describe).collect::<Vec<_>>();
+    describe_with(value, false)
+}
+
+/// [`describe`] with each tensor's values given as the SHA-256 of its
+/// little-endian bytes if `sha256` (`check_pt.py verify --sha256`).
+fn describe_with(value: &PtValue, sha256: bool) -> Json {
+    let all = |items: &[PtValue]| {
+        items
+            .iter()
+            .map(|v| describe_with(v, sha256))
+            .collect::<Vec<_>>()
+    };
     match value {
         PtValue::None => Json::Null,
         PtValue::Bool(b) => json!({ "bool": b }),
@@ -26,22 +39,27 @@ fn describe(value: &PtValue) -> Json {
         PtValue::Dict(entries) => {
             let entries: Vec<Json> = entries
                 .iter()
-                .map(|(k, v)| json!([k, describe(v)]))
+                .map(|(k, v)| json!([k, describe_with(v, sha256)]))
                 .collect();
             json!({ "dict": entries })
         }
         PtValue::Tensor(t) => {
-            let (dtype, values) = match t.dtype {
-                PtDtype::I64 => ("int64", json!(i64_values(t))),
-                float => {
+            let dtype = match t.dtype {
+                PtDtype::I64 => "int64",
+                PtDtype::F32 => "float32",
+                PtDtype::F16 => "float16",
+                PtDtype::BF16 => "bfloat16",
+            };
+            if sha256 {
+                let digest = hex::encode(Sha256::digest(&t.data));
+                return json!({ "tensor": { "dtype": dtype, "shape": t.shape, "sha256": digest } });
+            }
+            let values = match t.dtype {
+                PtDtype::I64 => json!(i64_values(t)),
+                _ => {
                     let values: Vec<f64> =
                         t.to_f32_vec().unwrap().into_iter().map(f64::from).collect();
-                    let name = match float {
-                        PtDtype::F32 => "float32",
-                        PtDtype::F16 => "float16",
-                        _ => "bfloat16",
-                    };
-                    (name, json!(values))
+                    json!(values)
                 }
             };
             json!({ "tensor": { "dtype": dtype, "shape": t.shape, "values": values } })
@@ -185,10 +203,10 @@ fn edge_cases(store: StoreDtype) -> PtValue {
 
 /// A stored zip with `pickle` as `t/data.pkl` and `storages` as `t/data/<i>`.
 fn archive(pickle: &[u8], storages: &[&[u8]]) -> Vec<u8> {
-    let mut zip = ZipWriter::with_capacity(4096);
+    let mut zip = ZipWriter::with_capacity(4096, crate::pt::zip::Zip64::AS_TORCH);
     zip.add("t/data.pkl", pickle).unwrap();
     for (key, data) in storages.iter().enumerate() {
         zip.add(&format!("t/data/{key}"), data).unwrap();
     }
-    zip.finish().unwrap()
+    zip.finish()
 }
