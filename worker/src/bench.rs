@@ -20,7 +20,7 @@ use crate::error::{CaptureError, Result};
 use crate::loader::{DeviceArg, dtype_name};
 use crate::model::weights::keeps_bf16;
 use crate::model::{CaptureRequest, Gemma2, Gemma2Config, Weights};
-use crate::pt::{StoreDtype, encode_pt};
+use crate::pt::{StoreDtype, encode_pt_parts};
 use crate::run::peak_resident_memory;
 
 /// What to benchmark.
@@ -224,7 +224,7 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
                     internals_artifact(&trace, layer, &p, &r, StoreDtype::F32)
                 }
             };
-            encode_pt(&value, "bench")?;
+            encode_pt_parts(value, "bench")?;
             encode = encode.min(start.elapsed().as_secs_f64());
         }
         log(&format!("{name}: {:.3} s/token", per_token(best)));
@@ -328,7 +328,7 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
                 let (p, r) = (texts(&trace.prompt_ids), texts(&trace.response_ids));
                 let value = residual_artifact(trace, &p, &r, StoreDtype::F32);
                 assembly += assembling.elapsed();
-                encode_pt(&value, "bench")?;
+                encode_pt_parts(value, "bench")?;
             }
             let per_prompt = start.elapsed().as_secs_f64() / batch as f64;
             if per_prompt < encode {

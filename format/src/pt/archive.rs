@@ -6,12 +6,13 @@ use std::collections::HashMap;
 use sha2::{Digest, Sha256};
 
 use super::PtError;
+use super::parts::PtParts;
 use super::pickle_read::unpickle;
 use super::pickle_write::pickle_value;
 use super::tensor::{PtDtype, PtTensor};
 use super::tensor_ref::{TensorRef, TensorSpan};
 use super::value::{PtSkeleton, PtValue};
-use super::zip::{Zip64, ZipDirectory, ZipEntry, ZipWriter};
+use super::zip::{EntryData, Zip64, ZipDirectory, ZipEntry, ZipWriter};
 
 /// Bytes of zip overhead budgeted per entry when sizing the output buffer.
 const ENTRY_OVERHEAD: usize = 256;
@@ -26,38 +27,96 @@ const MATERIALISE_SLACK: usize = 64 << 20;
 /// `archive_name/` (torch uses the file stem). Files past 4 GiB carry zip64
 /// fields where torch's writer puts them.
 pub fn encode_pt(value: &PtValue, archive_name: &str) -> Result<Vec<u8>, PtError> {
-    encode_pt_with(value, archive_name, Zip64::AS_TORCH)
+    Ok(encode_pt_with(value, archive_name, Zip64::AS_TORCH)?.into_bytes())
+}
+
+/// [`encode_pt`] taking the value: its tensors' data become parts of the
+/// file as they are, without being copied (the file is the parts in order).
+/// For large values this saves a copy of every tensor and the memory of
+/// the whole file twice over.
+pub fn encode_pt_parts(value: PtValue, archive_name: &str) -> Result<PtParts, PtError> {
+    encode_pt_parts_with(value, archive_name, Zip64::AS_TORCH)
 }
 
 /// [`encode_pt`] with the bound from which sizes and offsets go to zip64
-/// fields.
+/// fields; a single part.
 pub(super) fn encode_pt_with(
     value: &PtValue,
     archive_name: &str,
     zip64: Zip64,
-) -> Result<Vec<u8>, PtError> {
+) -> Result<PtParts, PtError> {
+    check_archive_name(archive_name)?;
+    let pickled = pickle_value(value)?;
+    let data_bytes: usize = pickled.storages.iter().map(|t| t.data.len()).sum();
+    let capacity =
+        pickled.pickle.len() + data_bytes + (pickled.storages.len() + 8) * ENTRY_OVERHEAD;
+    let storages = pickled.storages.iter().map(|t| EntryData::Copied(&t.data));
+    write_records(archive_name, &pickled.pickle, storages, capacity, zip64)
+}
+
+/// [`encode_pt_parts`] with the bound from which sizes and offsets go to
+/// zip64 fields.
+pub(super) fn encode_pt_parts_with(
+    value: PtValue,
+    archive_name: &str,
+    zip64: Zip64,
+) -> Result<PtParts, PtError> {
+    check_archive_name(archive_name)?;
+    let (pickle, sizes) = {
+        let pickled = pickle_value(&value)?;
+        let sizes: Vec<usize> = pickled.storages.iter().map(|t| t.data.len()).collect();
+        (pickled.pickle, sizes)
+    };
+    // The pickle numbers storages in document order, as `try_map` visits
+    // the tensors.
+    let mut storages = Vec::with_capacity(sizes.len());
+    value.try_map(&mut |tensor: PtTensor| {
+        storages.push(tensor.data);
+        Ok::<(), PtError>(())
+    })?;
+    let visited: Vec<usize> = storages.iter().map(Vec::len).collect();
+    if visited != sizes {
+        return Err(PtError::Tensor(
+            "the pickle's storages are not the value's tensors in document order".into(),
+        ));
+    }
+    let capacity = pickle.len() + (storages.len() + 8) * ENTRY_OVERHEAD;
+    let storages = storages.into_iter().map(EntryData::Moved);
+    write_records(archive_name, &pickle, storages, capacity, zip64)
+}
+
+fn check_archive_name(archive_name: &str) -> Result<(), PtError> {
     if archive_name.is_empty() || archive_name.contains(['/', '\\']) {
         return Err(PtError::Unsupported(format!(
             "archive name {archive_name:?}"
         )));
     }
-    let pickled = pickle_value(value)?;
-    let data_bytes: usize = pickled.storages.iter().map(|t| t.data.len()).sum();
-    let capacity =
-        pickled.pickle.len() + data_bytes + (pickled.storages.len() + 8) * ENTRY_OVERHEAD;
+    Ok(())
+}
+
+/// Writes the records `torch.save` writes, in its order, around `pickle`
+/// and the `storages`' data.
+fn write_records<'a>(
+    archive_name: &str,
+    pickle: &[u8],
+    storages: impl Iterator<Item = EntryData<'a>>,
+    capacity: usize,
+    zip64: Zip64,
+) -> Result<PtParts, PtError> {
     let mut zip = ZipWriter::with_capacity(capacity, zip64);
     let record = |name: &str| format!("{archive_name}/{name}");
-    zip.add(&record("data.pkl"), &pickled.pickle)?;
-    zip.add(&record(".format_version"), b"1")?;
-    zip.add(&record(".storage_alignment"), b"64")?;
-    zip.add(&record("byteorder"), b"little")?;
-    for (key, tensor) in pickled.storages.iter().enumerate() {
-        zip.add(&record(&format!("data/{key}")), &tensor.data)?;
+    let copied = EntryData::Copied;
+    zip.add(&record("data.pkl"), copied(pickle))?;
+    zip.add(&record(".format_version"), copied(b"1"))?;
+    zip.add(&record(".storage_alignment"), copied(b"64"))?;
+    zip.add(&record("byteorder"), copied(b"little"))?;
+    for (key, data) in storages.enumerate() {
+        zip.add(&record(&format!("data/{key}")), data)?;
     }
-    zip.add(&record("version"), b"3\n")?;
+    zip.add(&record("version"), copied(b"3\n"))?;
     let id = serialization_id(&zip);
-    zip.add(&record(".data/serialization_id"), id.as_bytes())?;
-    Ok(zip.finish())
+    zip.add(&record(".data/serialization_id"), copied(id.as_bytes()))?;
+    Ok(PtParts::new(zip.finish()))
 }
 
 /// torch writes a random 40-digit id; ours is derived from the entries

@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 
 use super::PtError;
 use super::archive::{decode_pt, encode_pt};
+use super::parts::PtParts;
 use super::value::PtValue;
 
 /// What was written by [`write_pt_file`].
@@ -30,11 +31,29 @@ pub fn write_pt_file(path: &Path, value: &PtValue) -> Result<PtFileInfo, PtError
     })
 }
 
+/// Writes an encoded file's `parts` to `path` as [`write_file_atomic`]
+/// does, one after the other.
+pub fn write_pt_parts(path: &Path, parts: &PtParts) -> Result<PtFileInfo, PtError> {
+    write_parts_atomic(path, parts.iter())?;
+    Ok(PtFileInfo {
+        bytes: parts.len(),
+        sha256: parts.sha256(),
+    })
+}
+
 /// Writes `bytes` to `path` atomically: they go to a temporary sibling
 /// `.{name}.tmp-{pid}-{random}`, which is synced and renamed over `path`,
 /// then the directory is synced. Parent directories are created; the
 /// temporary file is removed if anything fails before the rename.
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), PtError> {
+    write_parts_atomic(path, std::iter::once(bytes))
+}
+
+/// [`write_file_atomic`] of the concatenation of `parts`.
+fn write_parts_atomic<'a>(
+    path: &Path,
+    parts: impl Iterator<Item = &'a [u8]>,
+) -> Result<(), PtError> {
     let file_name = path.file_name().ok_or_else(|| PtError::Io {
         action: "write",
         path: path.to_owned(),
@@ -51,7 +70,7 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), PtError> {
         std::process::id(),
         rand::random::<u64>()
     ));
-    if let Err(e) = write_and_rename(&tmp, path, bytes) {
+    if let Err(e) = write_and_rename(&tmp, path, parts) {
         // Best effort: the temporary file may not exist.
         let _ = fs::remove_file(&tmp);
         return Err(e);
@@ -83,13 +102,19 @@ pub fn archive_name(path: &Path) -> String {
     }
 }
 
-fn write_and_rename(tmp: &Path, path: &Path, bytes: &[u8]) -> Result<(), PtError> {
+fn write_and_rename<'a>(
+    tmp: &Path,
+    path: &Path,
+    parts: impl Iterator<Item = &'a [u8]>,
+) -> Result<(), PtError> {
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(tmp)
         .map_err(io_error("create", tmp))?;
-    file.write_all(bytes).map_err(io_error("write", tmp))?;
+    for part in parts {
+        file.write_all(part).map_err(io_error("write", tmp))?;
+    }
     file.sync_all().map_err(io_error("sync", tmp))?;
     drop(file);
     fs::rename(tmp, path).map_err(io_error("rename a temporary file over", path))

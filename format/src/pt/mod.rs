@@ -16,6 +16,7 @@ mod archive;
 mod crc32;
 mod file;
 mod opcodes;
+mod parts;
 mod pickle_read;
 mod pickle_write;
 mod tensor;
@@ -28,9 +29,12 @@ mod tests;
 
 use std::path::PathBuf;
 
-pub use archive::{PtIndex, decode_pt, encode_pt};
+pub use archive::{PtIndex, decode_pt, encode_pt, encode_pt_parts};
 pub use crc32::crc32;
-pub use file::{PtFileInfo, archive_name, read_pt_file, write_file_atomic, write_pt_file};
+pub use file::{
+    PtFileInfo, archive_name, read_pt_file, write_file_atomic, write_pt_file, write_pt_parts,
+};
+pub use parts::PtParts;
 pub use tensor::{PtDtype, PtTensor, StoreDtype};
 pub use tensor_ref::{TensorRef, TensorSpan};
 pub use value::{PtSkeleton, PtTree, PtValue};

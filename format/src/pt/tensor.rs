@@ -121,21 +121,48 @@ impl PtTensor {
             "PtTensor::from_f32: {} values for shape {shape:?}",
             values.len()
         );
-        let data = match store {
-            StoreDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            StoreDtype::F16 => values
-                .iter()
-                .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-                .collect(),
-            StoreDtype::BF16 => values
-                .iter()
-                .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
-                .collect(),
-        };
+        let mut tensor = PtTensor::zeros(shape, store);
+        tensor.write_f32(0, values);
+        tensor
+    }
+
+    /// A tensor of `shape` in `store`, all zeros (memory the system hands
+    /// out zeroed, touched only where written).
+    pub fn zeros(shape: Vec<usize>, store: StoreDtype) -> Self {
+        let dtype = PtDtype::from(store);
+        let numel: usize = shape.iter().product();
         PtTensor {
-            dtype: store.into(),
+            dtype,
             shape,
-            data,
+            data: vec![0; numel * dtype.element_size()],
+        }
+    }
+
+    /// Overwrites the elements from `start` on (row-major) with `values`,
+    /// converted to the tensor's dtype as [`PtTensor::from_f32`] does.
+    ///
+    /// # Panics
+    /// If the elements run past the tensor, or it is an `int64` one.
+    pub fn write_f32(&mut self, start: usize, values: &[f32]) {
+        let size = self.dtype.element_size();
+        let out = &mut self.data[start * size..(start + values.len()) * size];
+        match self.dtype {
+            PtDtype::F32 => {
+                for (out, v) in out.chunks_exact_mut(4).zip(values) {
+                    out.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            PtDtype::F16 => {
+                for (out, v) in out.chunks_exact_mut(2).zip(values) {
+                    out.copy_from_slice(&f16::from_f32(*v).to_le_bytes());
+                }
+            }
+            PtDtype::BF16 => {
+                for (out, v) in out.chunks_exact_mut(2).zip(values) {
+                    out.copy_from_slice(&bf16::from_f32(*v).to_le_bytes());
+                }
+            }
+            PtDtype::I64 => panic!("PtTensor::write_f32 into an int64 tensor"),
         }
     }
 
@@ -213,6 +240,30 @@ pub(super) fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rows written into zeros at their offsets are the tensor `from_f32`
+    /// builds from the padded values, in every store dtype.
+    #[test]
+    fn rows_written_into_zeros_equal_from_f32() {
+        let padded = [1.5f32, -0.1, 0.0, 3.3e-3, 7.0, 0.0, 0.0, 0.0, 65504.0];
+        for store in [StoreDtype::F32, StoreDtype::F16, StoreDtype::BF16] {
+            let mut tensor = PtTensor::zeros(vec![3, 3], store);
+            tensor.write_f32(0, &padded[..2]);
+            tensor.write_f32(3, &padded[3..5]);
+            tensor.write_f32(8, &padded[8..]);
+            assert_eq!(
+                tensor,
+                PtTensor::from_f32(vec![3, 3], &padded, store),
+                "{store}"
+            );
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "out of range")]
+    fn writes_past_the_end_panic() {
+        PtTensor::zeros(vec![2], StoreDtype::F32).write_f32(1, &[1.0, 2.0]);
+    }
 
     #[test]
     fn store_dtype_names_round_trip() {

@@ -112,11 +112,40 @@ impl Zip64 {
     }
 }
 
-/// Builds a stored zip archive in memory.
+/// Builds a stored zip archive in memory, as a sequence of parts: runs of
+/// headers and copied data, and data moved in whole (see [`EntryData`]).
 pub(super) struct ZipWriter {
+    /// Finished parts, in file order.
+    parts: Vec<Vec<u8>>,
+    /// Bytes in `parts`.
+    parts_len: u64,
+    /// The part being written.
     buf: Vec<u8>,
     entries: Vec<Entry>,
     zip64: Zip64,
+}
+
+/// An entry's data as handed to [`ZipWriter::add`].
+pub(super) enum EntryData<'a> {
+    /// Copied into the archive's current part.
+    Copied(&'a [u8]),
+    /// Kept as a part of its own, without copying, if it is at least
+    /// [`OWN_PART_FROM`] bytes long; copied like the others if not.
+    Moved(Vec<u8>),
+}
+
+/// Moved data shorter than this is copied among the headers: a long
+/// response's thousands of one-row tensors would otherwise be as many parts
+/// (and writes, and upload pieces).
+const OWN_PART_FROM: usize = 64 << 10;
+
+impl EntryData<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            EntryData::Copied(data) => data,
+            EntryData::Moved(data) => data,
+        }
+    }
 }
 
 /// What the headers say about one entry.
@@ -226,9 +255,11 @@ fn end_records(zip64: Zip64, count: u64, cd_offset: u64, cd_size: u64, buf: &mut
 }
 
 impl ZipWriter {
-    /// An empty archive with room for `capacity` bytes.
+    /// An empty archive whose first part has room for `capacity` bytes.
     pub(super) fn with_capacity(capacity: usize, zip64: Zip64) -> Self {
         ZipWriter {
+            parts: Vec::new(),
+            parts_len: 0,
             buf: Vec::with_capacity(capacity),
             entries: Vec::new(),
             zip64,
@@ -243,33 +274,57 @@ impl ZipWriter {
     }
 
     /// Appends an entry `name` holding `data`, its data 64-byte aligned.
-    pub(super) fn add(&mut self, name: &str, data: &[u8]) -> Result<(), PtError> {
+    pub(super) fn add(&mut self, name: &str, data: EntryData<'_>) -> Result<(), PtError> {
         if u16::try_from(name.len()).is_err() {
             return Err(PtError::Limit(format!("zip entry name too long: {name}")));
         }
+        let bytes = data.bytes();
         let entry = Entry {
             name: name.to_owned(),
-            crc: crc32(data),
-            size: data.len() as u64,
-            header_offset: self.buf.len() as u64,
+            crc: crc32(bytes),
+            size: bytes.len() as u64,
+            header_offset: self.parts_len + self.buf.len() as u64,
         };
         entry.local_header(self.zip64, &mut self.buf);
-        self.buf.extend_from_slice(data);
+        match data {
+            EntryData::Moved(bytes) if bytes.len() >= OWN_PART_FROM => {
+                let headers = std::mem::take(&mut self.buf);
+                self.push_part(headers);
+                self.push_part(bytes);
+            }
+            data => self.buf.extend_from_slice(data.bytes()),
+        }
         entry.descriptor(self.zip64, &mut self.buf);
         self.entries.push(entry);
         Ok(())
     }
 
-    /// Writes the central directory and end records and returns the archive.
-    pub(super) fn finish(mut self) -> Vec<u8> {
-        let cd_offset = self.buf.len() as u64;
+    /// [`ZipWriter::finish`], concatenated.
+    #[cfg(test)]
+    pub(super) fn finish_bytes(self) -> Vec<u8> {
+        self.finish().concat()
+    }
+
+    fn push_part(&mut self, part: Vec<u8>) {
+        if !part.is_empty() {
+            self.parts_len += part.len() as u64;
+            self.parts.push(part);
+        }
+    }
+
+    /// Writes the central directory and end records and returns the
+    /// archive's parts, in file order (one if no data was moved in).
+    pub(super) fn finish(mut self) -> Vec<Vec<u8>> {
+        let cd_offset = self.parts_len + self.buf.len() as u64;
         for entry in &self.entries {
             entry.central_header(self.zip64, &mut self.buf);
         }
-        let cd_size = self.buf.len() as u64 - cd_offset;
+        let cd_size = self.parts_len + self.buf.len() as u64 - cd_offset;
         let count = self.entries.len() as u64;
         end_records(self.zip64, count, cd_offset, cd_size, &mut self.buf);
-        self.buf
+        let last = std::mem::take(&mut self.buf);
+        self.push_part(last);
+        self.parts
     }
 }
 
@@ -628,9 +683,9 @@ mod tests {
     #[test]
     fn written_archives_read_back() {
         let mut zip = ZipWriter::with_capacity(0, Zip64::AS_TORCH);
-        zip.add("a/x", b"hello").unwrap();
-        zip.add("a/empty", b"").unwrap();
-        let mut bytes = zip.finish();
+        zip.add("a/x", EntryData::Copied(b"hello")).unwrap();
+        zip.add("a/empty", EntryData::Moved(Vec::new())).unwrap();
+        let mut bytes = zip.finish_bytes();
         let expected = vec![
             ("a/x".to_owned(), b"hello".to_vec()),
             ("a/empty".to_owned(), Vec::new()),
@@ -695,8 +750,8 @@ mod tests {
     #[test]
     fn compressed_entries_are_rejected() {
         let mut zip = ZipWriter::with_capacity(0, Zip64::AS_TORCH);
-        zip.add("a/x", b"hello").unwrap();
-        let mut bytes = zip.finish();
+        zip.add("a/x", EntryData::Copied(b"hello")).unwrap();
+        let mut bytes = zip.finish_bytes();
         let end_records = ZIP64_EOCD_LEN + ZIP64_LOCATOR_LEN + EOCD_LEN;
         let central = bytes.len() - end_records - CENTRAL_HEADER_LEN - 3;
         bytes[central + 10] = 8; // deflate
@@ -819,8 +874,8 @@ mod tests {
         let fixture = format!("{}/tests/fixtures/pt/nested.pt", env!("CARGO_MANIFEST_DIR"));
         let torch = std::fs::read(fixture).unwrap();
         let mut zip = ZipWriter::with_capacity(0, Zip64::AS_TORCH);
-        zip.add("a/x", b"hello").unwrap();
-        let ours = zip.finish();
+        zip.add("a/x", EntryData::Copied(b"hello")).unwrap();
+        let ours = zip.finish_bytes();
         let end = ZIP64_EOCD_LEN + ZIP64_LOCATOR_LEN + EOCD_LEN;
         let signature = |bytes: &[u8], at: usize| bytes[bytes.len() - at..][..4].to_vec();
         for at in [end, end - ZIP64_EOCD_LEN, EOCD_LEN] {
@@ -837,15 +892,31 @@ mod tests {
     /// descriptors, and read back the same.
     #[test]
     fn archives_with_zip64_entries_read_back() {
+        // Every other entry long enough to be a part of its own when moved.
         let entries: Vec<(String, Vec<u8>)> = (0..6)
-            .map(|i| (format!("a/data/{i}"), vec![i as u8; 90 * i]))
+            .map(|i| {
+                (
+                    format!("a/data/{i}"),
+                    vec![i as u8; 90 * i + OWN_PART_FROM * (i % 2)],
+                )
+            })
             .collect();
-        for from in [0, 1, 100, 300, 1_000] {
+        for from in [0, 1, 100, 300, 1_000, 70_000, 140_000] {
             let mut zip = ZipWriter::with_capacity(0, Zip64 { from });
-            for (name, data) in &entries {
+            // Data copied and moved in alternately: the same archive.
+            for (i, (name, data)) in entries.iter().enumerate() {
+                let data = if i % 2 == 0 {
+                    EntryData::Copied(data)
+                } else {
+                    EntryData::Moved(data.clone())
+                };
                 zip.add(name, data).unwrap();
             }
-            let bytes = zip.finish();
+            let parts = zip.finish();
+            // Headers, entry 1, headers, entry 3, headers, entry 5, the rest.
+            assert_eq!(parts.len(), 7);
+            assert!(parts.iter().all(|p| !p.is_empty()));
+            let bytes = parts.concat();
             assert_eq!(contents(&bytes), entries, "zip64 from {from}");
             let directory = ZipDirectory::parse_from_tail(&bytes, bytes.len() as u64).unwrap();
             for entry in directory.entries() {
@@ -878,9 +949,10 @@ mod tests {
         assert_eq!(Zip64::field16(1 << 40), 0xFFFF);
         let mut zip = ZipWriter::with_capacity(0, Zip64::AS_TORCH);
         for i in 0..70_000u32 {
-            zip.add(&format!("a/{i}"), &i.to_le_bytes()).unwrap();
+            zip.add(&format!("a/{i}"), EntryData::Copied(&i.to_le_bytes()))
+                .unwrap();
         }
-        let bytes = zip.finish();
+        let bytes = zip.finish_bytes();
         let directory = ZipDirectory::parse_from_tail(&bytes, bytes.len() as u64).unwrap();
         assert_eq!(directory.entries().len(), 70_000);
         let last = directory.get("a/69999").unwrap();

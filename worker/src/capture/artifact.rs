@@ -123,13 +123,16 @@ impl Span {
 }
 
 fn square(rows: &AttentionRows, size: usize, per_head: bool, store: StoreDtype) -> PtValue {
-    let data = rows.square(size);
     let shape = if per_head {
         vec![rows.heads, size, size]
     } else {
         vec![size, size]
     };
-    PtValue::Tensor(PtTensor::from_f32(shape, &data, store))
+    // Written straight into the tensor: for long prompts these matrices
+    // are most of the artifact.
+    let mut tensor = PtTensor::zeros(shape, store);
+    rows.write_square(size, |at, row| tensor.write_f32(at, row));
+    PtValue::Tensor(tensor)
 }
 
 /// The residual-mode artifact `inference/raw/residual/{set}/{id}.pt`: three

@@ -79,16 +79,22 @@ impl AttentionRows {
 
     /// The `[heads, size, size]` matrix of the pass whose context was `size`
     /// positions, row-major, zero-padded on the right.
+    #[cfg(test)]
     pub fn square(&self, size: usize) -> Vec<f32> {
         let mut out = vec![0f32; self.heads * size * size];
+        self.write_square(size, |at, row| out[at..at + row.len()].copy_from_slice(row));
+        out
+    }
+
+    /// Hands `write` each stored part of [`AttentionRows::square`]'s matrix
+    /// with the element index where it starts; the rest is zeros.
+    pub fn write_square(&self, size: usize, mut write: impl FnMut(usize, &[f32])) {
         for (h, head_rows) in self.rows.iter().enumerate() {
             for (p, row) in head_rows.iter().take(size).enumerate() {
                 let n = row.len().min(size);
-                let at = (h * size + p) * size;
-                out[at..at + n].copy_from_slice(&row[..n]);
+                write((h * size + p) * size, &row[..n]);
             }
         }
-        out
     }
 
     /// Appends the rows of `[heads, t, context]` (or `[t, context]` for one

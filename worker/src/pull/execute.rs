@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use capture_proto::Fence;
+use object_store::PutPayload;
 use tokio::sync::{mpsc, oneshot};
 
 use super::compute::{Capturer, Held, Submission};
@@ -144,7 +145,12 @@ async fn upload_all(
             .await
             .map_err(|e| JobError::Internal(format!("the encoding task failed: {e}")))??;
         entry.shapes = encoded.shapes;
-        let payload = Bytes::from(encoded.bytes);
+        let payload: PutPayload = encoded
+            .parts
+            .into_parts()
+            .into_iter()
+            .map(Bytes::from)
+            .collect();
         let object = match run.stage_put(&job_id, attempt, &entry.key, payload).await {
             Ok(object) => object,
             Err(error) => {

@@ -19,7 +19,7 @@ use crate::loader::ModelMeta;
 use crate::manifest::{ArtifactEntry, tensor_shapes};
 use crate::model::Gemma2;
 use crate::prompts::Prompt;
-use crate::pt::{PtValue, StoreDtype, archive_name, encode_pt};
+use crate::pt::{PtParts, PtValue, StoreDtype, archive_name, encode_pt_parts};
 
 /// What every prompt of one capture shares.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,10 +71,11 @@ struct ArtifactSource {
     store: StoreDtype,
 }
 
-/// An artifact's `.pt` bytes and the tensor shapes of its manifest entry.
+/// An artifact's `.pt` file, in parts (its large tensors' buffers as they
+/// were assembled), and the tensor shapes of its manifest entry.
 #[derive(Debug)]
 pub struct EncodedArtifact {
-    pub bytes: Vec<u8>,
+    pub parts: PtParts,
     pub shapes: BTreeMap<String, serde_json::Value>,
 }
 
@@ -97,12 +98,14 @@ impl PromptArtifact {
     }
 
     /// Assembles the value and encodes it: the `.pt` file's bytes, exactly
-    /// as [`crate::pt::write_pt_file`] writes them at `{root}/{key}`.
+    /// as [`crate::pt::write_pt_file`] writes them at `{root}/{key}`, with
+    /// the tensors' data moved in rather than copied.
     pub fn encode(&self) -> Result<EncodedArtifact> {
         let value = self.assemble();
+        let shapes = tensor_shapes(&value);
         Ok(EncodedArtifact {
-            bytes: encode_pt(&value, &archive_name(Path::new(&self.key)))?,
-            shapes: tensor_shapes(&value),
+            parts: encode_pt_parts(value, &archive_name(Path::new(&self.key)))?,
+            shapes,
         })
     }
 }

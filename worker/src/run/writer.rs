@@ -10,8 +10,8 @@ use std::thread::JoinHandle;
 
 use super::prompt::CapturedPrompt;
 use crate::error::Result;
-use crate::manifest::{ArtifactEntry, Manifest, tensor_shapes};
-use crate::pt::write_pt_file;
+use crate::manifest::{ArtifactEntry, Manifest};
+use crate::pt::write_pt_parts;
 
 /// The writer thread and the sending end of its queue.
 pub(super) struct ArtifactWriter {
@@ -67,9 +67,9 @@ fn write_all(
     let mut written = Vec::new();
     for captured in prompts {
         for artifact in &captured.artifacts {
-            let value = artifact.assemble();
-            let info = write_pt_file(&out.join(&artifact.key), &value)?;
-            let entry = captured.entry(artifact, tensor_shapes(&value), info.bytes, info.sha256);
+            let encoded = artifact.encode()?;
+            let info = write_pt_parts(&out.join(&artifact.key), &encoded.parts)?;
+            let entry = captured.entry(artifact, encoded.shapes, info.bytes, info.sha256);
             manifest.upsert(entry.clone());
             written.push(entry);
         }

@@ -87,7 +87,8 @@ impl RunStore {
         Ok(format!("{STAGING_DIR}/{job_id}/{attempt}"))
     }
 
-    /// Uploads `payload` for `key` under the attempt's staging prefix (in
+    /// Uploads `payload` (one buffer, or several in order: an encoded
+    /// artifact's parts) for `key` under the attempt's staging prefix (in
     /// parts when it is larger than the multipart threshold, without copying
     /// it) and returns its size and sha256, hashed while it uploads.
     pub async fn stage_put(
@@ -95,13 +96,20 @@ impl RunStore {
         job_id: &str,
         attempt: u32,
         key: &str,
-        payload: Bytes,
+        payload: impl Into<PutPayload>,
     ) -> Result<StagedObject, StoreError> {
+        let payload = payload.into();
         let path = self.staged_path(job_id, attempt, key)?;
-        let bytes = payload.len() as u64;
+        let bytes = payload.content_length() as u64;
         let hashing = tokio::task::spawn_blocking({
             let payload = payload.clone();
-            move || hex::encode(Sha256::digest(&payload))
+            move || {
+                let mut hasher = Sha256::new();
+                for part in &payload {
+                    hasher.update(part);
+                }
+                hex::encode(hasher.finalize())
+            }
         });
         let uploaded = self.upload(&path, payload).await;
         let sha256 = hashing.await.map_err(|source| StoreError::Task {
@@ -257,7 +265,7 @@ impl RunStore {
     /// the object atomically.
     pub async fn put_root_file(&self, key: &str, payload: Bytes) -> Result<(), StoreError> {
         let path = self.documented_path(key)?;
-        self.upload(&path, payload).await
+        self.upload(&path, payload.into()).await
     }
 
     /// Reads a whole object.
@@ -515,26 +523,31 @@ impl RunStore {
     }
 
     /// One put for small payloads, a multipart upload of zero-copy slices
-    /// for large ones.
-    async fn upload(&self, path: &ObjectPath, payload: Bytes) -> Result<(), StoreError> {
+    /// for large ones (parts of `part_size` gathered across the payload's
+    /// buffers, at most `concurrency` of them in flight).
+    async fn upload(&self, path: &ObjectPath, payload: PutPayload) -> Result<(), StoreError> {
         let options = &self.store.options;
         let location = || self.store.location(path);
-        if payload.len() <= options.multipart_threshold {
+        if payload.content_length() <= options.multipart_threshold {
             self.store
                 .inner
-                .put(path, PutPayload::from_bytes(payload))
+                .put(path, payload)
                 .await
                 .map_err(|source| StoreError::backend("upload", location(), source))?;
             return Ok(());
         }
         let mut writer = self.start_multipart(path).await?;
-        for start in (0..payload.len()).step_by(options.part_size) {
-            let end = (start + options.part_size).min(payload.len());
+        let slices = payload.iter().flat_map(|buffer| {
+            (0..buffer.len())
+                .step_by(options.part_size)
+                .map(|start| buffer.slice(start..(start + options.part_size).min(buffer.len())))
+        });
+        for slice in slices {
             if let Err(source) = writer.wait_for_capacity(options.concurrency).await {
                 let _ = writer.abort().await;
                 return Err(StoreError::backend("upload", location(), source));
             }
-            writer.put(payload.slice(start..end));
+            writer.put(slice);
         }
         writer
             .finish()

@@ -13,10 +13,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use object_store::ObjectStoreExt;
+use object_store::{ObjectStoreExt, PutPayload};
 use sha2::{Digest, Sha256};
 
-use super::{ArtifactStore, RunStore, S3Credentials, StoreError, StoreOptions, StoreUrl};
+use super::{
+    ArtifactStore, RunStore, S3Credentials, StagedObject, StoreError, StoreOptions, StoreUrl,
+};
 
 const MIB: usize = 1024 * 1024;
 
@@ -164,6 +166,7 @@ async fn keys(run: &RunStore, prefix: &str) -> Vec<String> {
 const RESIDUAL_1: &str = "inference/raw/residual/dynamic/p01.pt";
 const RESIDUAL_2: &str = "inference/raw/residual/dynamic/p02.pt";
 const INTERNALS_1: &str = "inference/raw/internals/dynamic/p01_L3.pt";
+const INTERNALS_2: &str = "inference/raw/internals/dynamic/p02_L3.pt";
 
 async fn staging_and_promotion_publish_exactly_the_documented_keys(fixture: Fixture) {
     let run = fixture.store.run("exp-1", "run-0001").unwrap();
@@ -376,11 +379,27 @@ async fn multipart_upload_round_trips(fixture: Fixture) {
         (small.bytes, small.sha256.as_str()),
         (4, sha_hex(b"tiny").as_str())
     );
+    // The same payload in uneven buffers (an encoded artifact's parts:
+    // headers, a large tensor, headers, ...), gathered into the same parts.
+    let cuts = [0, 100, 9 * MIB + 7, 9 * MIB + 8, 17 * MIB, big.len()];
+    let pieces: PutPayload = cuts.windows(2).map(|w| big.slice(w[0]..w[1])).collect();
+    assert_eq!(pieces.iter().count(), 5);
+    let from_pieces = run
+        .stage_put("job-m", 1, INTERNALS_2, pieces)
+        .await
+        .unwrap();
+    assert_eq!(
+        from_pieces,
+        StagedObject {
+            key: INTERNALS_2.into(),
+            ..staged.clone()
+        }
+    );
 
     if fixture.backend == Backend::S3 {
         // 20 MiB + 123 bytes in 8 MiB parts: S3 tags a 3-part upload "...-3"
         // (the promoted copy gets a plain tag again).
-        for key in [RESIDUAL_1, RESIDUAL_2] {
+        for key in [RESIDUAL_1, RESIDUAL_2, INTERNALS_2] {
             let staged_key = format!("_staging/job-m/1/{key}");
             let e_tag = run
                 .head(&staged_key)
@@ -394,10 +413,14 @@ async fn multipart_upload_round_trips(fixture: Fixture) {
             );
         }
     }
-    run.promote("job-m", 1, &[RESIDUAL_1, RESIDUAL_2, INTERNALS_1])
-        .await
-        .unwrap();
-    for key in [RESIDUAL_1, RESIDUAL_2] {
+    run.promote(
+        "job-m",
+        1,
+        &[RESIDUAL_1, RESIDUAL_2, INTERNALS_1, INTERNALS_2],
+    )
+    .await
+    .unwrap();
+    for key in [RESIDUAL_1, RESIDUAL_2, INTERNALS_2] {
         let back = run.get(key).await.unwrap();
         assert_eq!(back.len(), big.len());
         assert!(back == big, "{key} differs after the round trip");

@@ -12,7 +12,7 @@ use serde_json::{Value as Json, json};
 use sha2::{Digest, Sha256};
 
 use super::{PtDtype, PtTensor, PtValue, StoreDtype};
-use crate::pt::zip::ZipWriter;
+use crate::pt::zip::{EntryData, ZipWriter};
 
 /// The description `scripts/check_pt.py` prints for a value torch loaded.
 fn describe(value: &PtValue) -> Json {
@@ -204,9 +204,10 @@ fn edge_cases(store: StoreDtype) -> PtValue {
 /// A stored zip with `pickle` as `t/data.pkl` and `storages` as `t/data/<i>`.
 fn archive(pickle: &[u8], storages: &[&[u8]]) -> Vec<u8> {
     let mut zip = ZipWriter::with_capacity(4096, crate::pt::zip::Zip64::AS_TORCH);
-    zip.add("t/data.pkl", pickle).unwrap();
+    zip.add("t/data.pkl", EntryData::Copied(pickle)).unwrap();
     for (key, data) in storages.iter().enumerate() {
-        zip.add(&format!("t/data/{key}"), data).unwrap();
+        zip.add(&format!("t/data/{key}"), EntryData::Copied(data))
+            .unwrap();
     }
-    zip.finish()
+    zip.finish_bytes()
 }

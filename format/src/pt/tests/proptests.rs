@@ -13,7 +13,7 @@ use super::archive;
 use crate::pt::pickle_read::unpickle;
 use crate::pt::{
     LOCAL_HEADER_LEN, PtDtype, PtError, PtIndex, PtSkeleton, PtTensor, PtTree, PtValue,
-    ZipDirectory, decode_pt, encode_pt,
+    ZipDirectory, decode_pt, encode_pt, encode_pt_parts,
 };
 
 /// Cases per property unless `PROPTEST_CASES` says otherwise.
@@ -281,6 +281,8 @@ proptest! {
     #[test]
     fn values_round_trip_bitwise(value in any_value()) {
         let bytes = encode_pt(&value, "prop").map_err(fail)?;
+        let parts = encode_pt_parts(value.clone(), "prop").map_err(fail)?;
+        prop_assert!(parts.into_bytes() == bytes, "the parts writer wrote other bytes");
         let decoded = decode_pt(&bytes).map_err(fail)?;
         prop_assert!(
             same_value(&decoded, &value),

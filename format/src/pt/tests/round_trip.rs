@@ -2,7 +2,9 @@
 
 use super::{archive, artifact, dict, edge_cases, tensor};
 use crate::pt::pickle_read::unpickle;
-use crate::pt::{PtError, PtTree, PtValue, StoreDtype, decode_pt, encode_pt};
+use sha2::{Digest, Sha256};
+
+use crate::pt::{PtError, PtTree, PtValue, StoreDtype, decode_pt, encode_pt, encode_pt_parts};
 
 const STORES: [StoreDtype; 3] = [StoreDtype::F32, StoreDtype::F16, StoreDtype::BF16];
 
@@ -54,6 +56,27 @@ fn encoding_is_deterministic() {
     );
 }
 
+/// The parts writer writes the bytes `encode_pt` writes, with tensors of
+/// 64 KiB or more as parts of their own.
+#[test]
+fn parts_are_the_bytes_encode_pt_writes() {
+    for store in [StoreDtype::F32, StoreDtype::F16, StoreDtype::BF16] {
+        for (value, big_tensors) in [
+            // [200, 200] attention matrices are 80 KB in 16 bits.
+            (artifact(store, 200), 3),
+            (artifact(store, 3), 0),
+            (edge_cases(store), 0),
+        ] {
+            let bytes = encode_pt(&value, "p").unwrap();
+            let parts = encode_pt_parts(value.clone(), "p").unwrap();
+            assert_eq!(parts.len(), bytes.len() as u64);
+            assert_eq!(parts.iter().count(), 1 + 2 * big_tensors, "{store}");
+            assert_eq!(parts.sha256(), hex::encode(Sha256::digest(&bytes)));
+            assert!(parts.into_bytes() == bytes, "{store}");
+        }
+    }
+}
+
 #[test]
 fn invalid_values_are_rejected_on_write() {
     let mut bad = artifact(StoreDtype::F32, 2);
@@ -61,12 +84,16 @@ fn invalid_values_are_rejected_on_write() {
         entries.push(("prompt".into(), PtValue::None));
     }
     assert!(encode_pt(&bad, "a").is_err(), "duplicate key");
+    assert!(encode_pt_parts(bad, "a").is_err(), "duplicate key");
     let mut short = tensor(&[3], 0.0, StoreDtype::F16);
     if let PtValue::Tensor(t) = &mut short {
         t.data.pop();
     }
     let err = encode_pt(&short, "a").unwrap_err();
     assert!(matches!(err, PtError::Tensor(_)), "{err}");
+    let err = encode_pt_parts(short, "a").unwrap_err();
+    assert!(matches!(err, PtError::Tensor(_)), "{err}");
+    assert!(encode_pt_parts(PtValue::None, "a/b").is_err());
     assert!(encode_pt(&PtValue::None, "a/b").is_err());
     assert!(encode_pt(&PtValue::None, "").is_err());
     let mut deep = PtValue::None;
