@@ -27,8 +27,8 @@ use crate::pt::StoreDtype;
 use writer::ArtifactWriter;
 
 pub use batch::{
-    AUTO_MAX, BatchSize, SequenceCost, auto_batch_size, free_device_memory, host_available_memory,
-    peak_resident_memory, sequence_cost,
+    AUTO_MAX, BatchSize, RunLengths, SequenceCost, auto_batch_size, free_device_memory,
+    host_available_memory, peak_resident_memory, sequence_cost,
 };
 pub use prompt::{
     CaptureSettings, CapturedPrompt, PreparedPrompt, PromptArtifact, batch_size_for,

@@ -1,7 +1,9 @@
 //! Assembling a prompt's trace into the nested dict/list/tensor structures of
 //! the format reference (`gemma-2-2b-it-format.md`), in both capture modes.
 
+use super::mode::CaptureMode;
 use super::trace::{AttentionRows, LayerTrace, PromptTrace, Rows};
+use crate::model::Gemma2Config;
 use crate::pt::{PtTensor, PtValue, StoreDtype};
 
 /// The `text`, `tokens` and `token_ids` of the prompt or the response.
@@ -271,4 +273,87 @@ pub fn internals_artifact(
         ("prompt", prompt_section),
         ("response", response_section),
     ])
+}
+
+/// Bytes of tensor data in the artifact of a prompt of `prompt_len` tokens
+/// with a response of `response_len` tokens, stored in `store` (in
+/// internals mode, one layer's artifact; the file adds headers, texts and
+/// the pickle). Long runs are mostly attention matrices: the prompt's and
+/// one per response step over `N + i` positions, so they grow with the
+/// square of the prompt and the cube of the response.
+pub fn artifact_data_bytes(
+    cfg: &Gemma2Config,
+    mode: &CaptureMode,
+    prompt_len: usize,
+    response_len: usize,
+    store: StoreDtype,
+) -> u64 {
+    let (n, r) = (prompt_len as u64, response_len as u64);
+    let squares = n * n + (0..r).map(|i| (n + i) * (n + i)).sum::<u64>();
+    let hidden = cfg.hidden_size as u64;
+    // Elements per position, and attention matrices per square.
+    let (width, matrices) = match mode {
+        CaptureMode::Residual => {
+            let layers = cfg.num_hidden_layers as u64;
+            (layers * 3 * hidden, layers)
+        }
+        CaptureMode::Internals { .. } => (
+            (cfg.q_dim() + 2 * cfg.kv_dim() + 2 * cfg.intermediate_size) as u64 + 4 * hidden,
+            cfg.num_attention_heads as u64,
+        ),
+    };
+    (width * (n + r) + matrices * squares) * store.element_size() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+
+    use super::*;
+    use crate::capture::batch_tests::tiny_on;
+    use crate::capture::engine::{ResponsePlan, capture_prompt};
+
+    /// The estimate behind `--batch-size auto` counts exactly the bytes of
+    /// the tensors the artifacts hold.
+    #[test]
+    fn artifact_data_bytes_counts_what_artifacts_hold() {
+        let (meta, model) = tiny_on(&Device::Cpu, DType::F32);
+        let cfg = &meta.config;
+        let prompt = meta
+            .tokenizer
+            .encode_prompt("Count the bytes of this artifact, please.")
+            .unwrap();
+        let replay = [5u32, 6, 7, 8, 9];
+        let texts = TokenTexts {
+            text: String::new(),
+            tokens: Vec::new(),
+            token_ids: Vec::new(),
+        };
+        for mode in [
+            CaptureMode::Residual,
+            CaptureMode::Internals { layers: vec![1] },
+        ] {
+            let request = mode.request(cfg.num_hidden_layers);
+            let plan = ResponsePlan::Replay(&replay);
+            let trace = capture_prompt(&model, &prompt, &request, plan, &mut || {}).unwrap();
+            for store in [StoreDtype::F32, StoreDtype::BF16] {
+                let value = match &mode {
+                    CaptureMode::Residual => residual_artifact(&trace, &texts, &texts, store),
+                    CaptureMode::Internals { .. } => {
+                        let layer = trace.layer(1).unwrap();
+                        internals_artifact(&trace, layer, &texts, &texts, store)
+                    }
+                };
+                let mut held = 0u64;
+                value
+                    .try_map(&mut |t| {
+                        held += t.data.len() as u64;
+                        Ok::<_, ()>(())
+                    })
+                    .unwrap();
+                let counted = artifact_data_bytes(cfg, &mode, prompt.len(), replay.len(), store);
+                assert_eq!(counted, held, "{mode:?} {store}");
+            }
+        }
+    }
 }

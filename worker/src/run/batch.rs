@@ -1,10 +1,12 @@
 //! `--batch-size`: how many prompts share a forward pass, given or chosen
 //! from the memory available.
 //!
-//! `auto` estimates what one more sequence costs at the longest context of
-//! the run (its KV cache and one pass's activations on the device; its trace,
-//! assembled artifact and encoded bytes on the host, with the next batch's
-//! trace growing while the previous one is written) and fits as many as half
+//! `auto` estimates what one more sequence costs at the longest prompt and
+//! response of the run (its KV cache and one pass's activations on the
+//! device; its trace on the host, twice: the next batch's trace grows while
+//! the previous one is written) and what does not grow with the batch (the
+//! largest artifact, assembled and encoded one at a time, its tensors'
+//! buffers becoming the file's parts), and fits as many sequences as half
 //! of the free memory allows on each side, between 1 and [`AUTO_MAX`].
 
 use std::fmt;
@@ -13,7 +15,9 @@ use std::str::FromStr;
 use candle_core::{DType, Device};
 
 use crate::capture::CaptureMode;
+use crate::capture::artifact::artifact_data_bytes;
 use crate::model::Gemma2Config;
+use crate::pt::StoreDtype;
 
 /// The most prompts `auto` puts in one batch: beyond it a decode step is no
 /// longer bound by reading the weights on either device kind, so larger
@@ -53,21 +57,39 @@ impl fmt::Display for BatchSize {
     }
 }
 
-/// Bytes one sequence of `context` positions costs, on the device and on
-/// the host, when captured in `mode`.
+/// The longest prompt and the longest response of a run, in tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunLengths {
+    pub prompt: usize,
+    pub response: usize,
+}
+
+impl RunLengths {
+    /// The most positions a pass holds.
+    pub fn context(&self) -> usize {
+        self.prompt + self.response
+    }
+}
+
+/// Bytes one sequence costs, on the device and on the host, when captured
+/// in `mode`, and host bytes that do not grow with the batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SequenceCost {
     pub device: u64,
     pub host: u64,
+    /// The largest artifact (stored in f32, the widest store dtype), held
+    /// while it is encoded and written or uploaded, one at a time.
+    pub artifact: u64,
 }
 
 /// The memory estimate behind `auto` (see the module docs).
 pub fn sequence_cost(
     cfg: &Gemma2Config,
     mode: &CaptureMode,
-    context: usize,
+    lengths: RunLengths,
     dtype: DType,
 ) -> SequenceCost {
+    let context = lengths.context();
     let (layers, hidden, inter) = (
         cfg.num_hidden_layers as u64,
         cfg.hidden_size as u64,
@@ -98,9 +120,9 @@ pub fn sequence_cost(
     let records = traced_layers * ctx * per_position * width;
     SequenceCost {
         device: kv + pass_layer + records,
-        // Trace, its assembled artifact and its encoded bytes; the next
-        // batch's trace grows while this one is written.
-        host: 4 * trace,
+        // The trace, written, and the next batch's, growing meanwhile.
+        host: 2 * trace,
+        artifact: artifact_data_bytes(cfg, mode, lengths.prompt, lengths.response, StoreDtype::F32),
     }
 }
 
@@ -143,40 +165,41 @@ fn proc_kib(path: &str, key: &str) -> Option<u64> {
 
 /// The batch size `auto` picks for sequences costing `cost`, given free
 /// device and host memory (`None`: unknown, which allows [`AUTO_MAX`] on that
-/// side). On the CPU the device is the host: both costs count against it.
+/// side): as many as half of each side's free memory holds, on the host
+/// after the artifact. On the CPU the device is the host: both costs count
+/// against it.
 pub fn auto_batch_size(
     cost: SequenceCost,
     on_cpu: bool,
     free_device: Option<u64>,
     free_host: Option<u64>,
 ) -> usize {
-    let fits = |budget: Option<u64>, per: u64| {
-        budget.map_or(AUTO_MAX as u64, |free| (free / 2) / per.max(1))
-    };
+    let fits = |budget: Option<u64>, per: u64| budget.map_or(AUTO_MAX as u64, |b| b / per.max(1));
+    let host_budget = free_host.map(|free| (free / 2).saturating_sub(cost.artifact));
     let n = if on_cpu {
-        fits(free_host, cost.device + cost.host)
+        fits(host_budget, cost.device + cost.host)
     } else {
-        fits(free_device, cost.device).min(fits(free_host, cost.host))
+        fits(free_device.map(|free| free / 2), cost.device).min(fits(host_budget, cost.host))
     };
     (n as usize).clamp(1, AUTO_MAX)
 }
 
 impl BatchSize {
-    /// The number of prompts per batch for a run on `device` in `mode` whose
-    /// longest pass holds `context` positions; measures free memory for
-    /// `auto`, so call it once the model is loaded.
+    /// The number of prompts per batch for a run on `device` in `mode`
+    /// whose longest prompt and response are `lengths`; measures free
+    /// memory for `auto`, so call it once the model is loaded.
     pub fn resolve(
         self,
         cfg: &Gemma2Config,
         mode: &CaptureMode,
-        context: usize,
+        lengths: RunLengths,
         dtype: DType,
         device: &Device,
     ) -> usize {
         match self {
             BatchSize::Fixed(n) => n,
             BatchSize::Auto => auto_batch_size(
-                sequence_cost(cfg, mode, context, dtype),
+                sequence_cost(cfg, mode, lengths, dtype),
                 device.is_cpu(),
                 free_device_memory(device),
                 host_available_memory(),
@@ -209,25 +232,47 @@ mod tests {
         assert_eq!(BatchSize::Fixed(4).to_string(), "4");
     }
 
+    fn lengths(prompt: usize, response: usize) -> RunLengths {
+        RunLengths { prompt, response }
+    }
+
     #[test]
     fn cost_grows_with_context_and_mode() {
         let cfg = gemma_2b();
-        let residual = sequence_cost(&cfg, &CaptureMode::Residual, 100, DType::F32);
-        let longer = sequence_cost(&cfg, &CaptureMode::Residual, 200, DType::F32);
+        let residual = sequence_cost(&cfg, &CaptureMode::Residual, lengths(50, 50), DType::F32);
+        let longer = sequence_cost(&cfg, &CaptureMode::Residual, lengths(100, 100), DType::F32);
         assert!(longer.device > residual.device && longer.host > 2 * residual.host);
         // KV cache of 100 positions: 26 layers x 2 x 1024 x 100 x 4 bytes
         assert!(residual.device > 26 * 2 * 1024 * 100 * 4);
-        // residual trace: 26 layers x 3 x 2304 floats per position
-        assert!(residual.host >= 4 * 26 * 3 * 2304 * 100 * 4);
+        // residual trace, twice: 26 layers x 3 x 2304 floats per position
+        assert!(residual.host >= 2 * 26 * 3 * 2304 * 100 * 4);
         let one_layer = sequence_cost(
             &cfg,
             &CaptureMode::Internals { layers: vec![16] },
-            100,
+            lengths(50, 50),
             DType::F32,
         );
         assert!(one_layer.host < residual.host);
-        let bf16 = sequence_cost(&cfg, &CaptureMode::Residual, 100, DType::BF16);
+        let bf16 = sequence_cost(&cfg, &CaptureMode::Residual, lengths(50, 50), DType::BF16);
         assert!(bf16.device < residual.device && bf16.host == residual.host);
+    }
+
+    /// The artifact's per-step attention matrices grow with the cube of the
+    /// response: 500 generated tokens after a short prompt make a residual
+    /// artifact of about 5.7 GB, far more than the trace.
+    #[test]
+    fn long_responses_cost_their_artifact() {
+        let cfg = gemma_2b();
+        let cost = sequence_cost(&cfg, &CaptureMode::Residual, lengths(50, 500), DType::BF16);
+        let squares: u64 = (0..500u64).map(|i| (50 + i) * (50 + i)).sum::<u64>() + 50 * 50;
+        let rows = 26 * 3 * 2304 * 550;
+        assert_eq!(cost.artifact, (rows + 26 * squares) * 4);
+        assert!(cost.artifact > 5_000_000_000 && cost.artifact > 5 * cost.host);
+        // With 16 GB free on a GPU's host: (8 GB - the artifact) / trace.
+        let n = auto_batch_size(cost, false, None, Some(16_000_000_000));
+        assert_eq!(n as u64, (8_000_000_000 - cost.artifact) / cost.host);
+        // Less free memory than the artifact: one at a time.
+        assert_eq!(auto_batch_size(cost, false, None, Some(8_000_000_000)), 1);
     }
 
     #[test]
@@ -235,6 +280,7 @@ mod tests {
         let cost = SequenceCost {
             device: 100,
             host: 300,
+            artifact: 0,
         };
         // CPU: both sides on the host, half of 8000 / 400 = 10
         assert_eq!(auto_batch_size(cost, true, Some(8000), Some(8000)), 10);
@@ -248,6 +294,19 @@ mod tests {
             auto_batch_size(cost, false, Some(u64::MAX), Some(u64::MAX)),
             AUTO_MAX
         );
+        // The artifact comes off the host's half first: (4000 - 1000) / 400
+        let with_artifact = SequenceCost {
+            artifact: 1000,
+            ..cost
+        };
+        assert_eq!(
+            auto_batch_size(with_artifact, true, Some(8000), Some(8000)),
+            7
+        );
+        assert_eq!(
+            auto_batch_size(with_artifact, false, Some(8000), Some(6000)),
+            6
+        );
     }
 
     #[test]
@@ -257,7 +316,7 @@ mod tests {
         let n = BatchSize::Auto.resolve(
             &gemma_2b(),
             &CaptureMode::Residual,
-            80,
+            lengths(40, 40),
             DType::F32,
             &Device::Cpu,
         );
@@ -266,7 +325,7 @@ mod tests {
             BatchSize::Fixed(3).resolve(
                 &gemma_2b(),
                 &CaptureMode::Residual,
-                80,
+                lengths(40, 40),
                 DType::F32,
                 &Device::Cpu
             ),

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::batch::BatchSize;
+use super::batch::{BatchSize, RunLengths};
 use super::replay::{ReplaySource, replay_ids};
 use super::{CHAT_TEMPLATE, internals_key, residual_key};
 use crate::capture::{
@@ -192,8 +192,8 @@ pub fn prepare_prompts(
 }
 
 /// Prompts per batch for `prepared` on `model`: `batch` resolved against
-/// the longest context (see [`BatchSize::resolve`]), never more than there
-/// are prompts.
+/// the longest prompt and response (see [`BatchSize::resolve`]), never
+/// more than there are prompts.
 pub fn batch_size_for(
     batch: BatchSize,
     meta: &ModelMeta,
@@ -205,22 +205,23 @@ pub fn batch_size_for(
         .resolve(
             &meta.config,
             &settings.mode,
-            longest_context(prepared, settings),
+            longest_lengths(prepared, settings),
             model.dtype(),
             model.device(),
         )
         .min(prepared.len().max(1))
 }
 
-/// The most positions any pass of these prompts holds: the prompt and its
-/// response (the last response token is never fed back, but counting it
-/// keeps the estimate on the safe side).
-fn longest_context(prepared: &[PreparedPrompt], settings: &CaptureSettings) -> usize {
-    prepared
-        .iter()
-        .map(|p| p.ids.len() + p.replay.as_ref().map_or(settings.max_new_tokens, Vec::len))
-        .max()
-        .unwrap_or(1)
+/// The longest prompt and the longest response of these prompts (a bound
+/// for every pass's context and every artifact; the last response token is
+/// never fed back, but counting it keeps the estimate on the safe side).
+fn longest_lengths(prepared: &[PreparedPrompt], settings: &CaptureSettings) -> RunLengths {
+    let longest =
+        |length: &dyn Fn(&PreparedPrompt) -> usize| prepared.iter().map(length).max().unwrap_or(0);
+    RunLengths {
+        prompt: longest(&|p| p.ids.len()).max(1),
+        response: longest(&|p| p.replay.as_ref().map_or(settings.max_new_tokens, Vec::len)),
+    }
 }
 
 /// Captures one prepared prompt with a loaded model and builds its
