@@ -259,7 +259,7 @@ mod tests {
 
     /// The artifact's per-step attention matrices grow with the cube of the
     /// response: 500 generated tokens after a short prompt make a residual
-    /// artifact of about 5.7 GB, far more than the trace.
+    /// artifact of about 6.1 GB, far more than the trace.
     #[test]
     fn long_responses_cost_their_artifact() {
         let cfg = gemma_2b();
