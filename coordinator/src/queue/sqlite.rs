@@ -6,15 +6,16 @@
 
 use std::collections::BTreeSet;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::Row;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
 use sqlx::types::Json;
+use sqlx::{Connection, Row};
 use tracing::{debug, info, warn};
 
 use super::{
@@ -41,6 +42,12 @@ const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
 pub struct SqliteQueue {
     pool: SqlitePool,
     retry_policy: RetryPolicy,
+    /// For an in-memory database, a connection outside the pool that keeps
+    /// it alive: SQLite drops an in-memory database with its last
+    /// connection, and the pool may close its one connection (a query
+    /// cancelled midway, as when a client hangs up), after which the next
+    /// would open a new, empty database.
+    _keeper: Option<Arc<Mutex<SqliteConnection>>>,
 }
 
 fn now_millis() -> i64 {
@@ -49,8 +56,8 @@ fn now_millis() -> i64 {
 
 impl SqliteQueue {
     /// Opens `sqlite://PATH?mode=rwc` (WAL, 4 pooled connections) or an
-    /// in-memory database (one connection, kept open), and applies the
-    /// migrations.
+    /// in-memory database (one pooled connection, and one more that keeps
+    /// the database alive), and applies the migrations.
     pub async fn connect(database_url: &str) -> Result<Self, QueueError> {
         let in_memory = database_url.contains(":memory:") || database_url.contains("mode=memory");
         let mut options = SqliteConnectOptions::from_str(database_url)?
@@ -70,8 +77,17 @@ impl SqliteQueue {
                 .synchronous(SqliteSynchronous::Normal);
             pool_options = pool_options.max_connections(4);
         }
+        let keeper = if in_memory {
+            let keeper = SqliteConnection::connect_with(&options).await?;
+            Some(Arc::new(Mutex::new(keeper)))
+        } else {
+            None
+        };
         let pool = pool_options.connect_with(options).await?;
-        Self::from_pool(pool).await
+        Ok(Self {
+            _keeper: keeper,
+            ..Self::from_pool(pool).await?
+        })
     }
 
     /// Uses an existing pool, applying the migrations.
@@ -80,6 +96,7 @@ impl SqliteQueue {
         Ok(Self {
             pool,
             retry_policy: RetryPolicy::default(),
+            _keeper: None,
         })
     }
 
@@ -470,5 +487,36 @@ impl JobQueue for SqliteQueue {
 
     async fn list_workers(&self) -> Result<Vec<WorkerRecord>, QueueError> {
         self.read_workers().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pool's one connection closed (as a query cancelled midway can
+    /// have it): the next one finds the same in-memory database.
+    #[tokio::test]
+    async fn an_in_memory_queue_outlives_its_pooled_connection() {
+        let queue = SqliteQueue::connect("sqlite::memory:").await.unwrap();
+        sqlx::query("CREATE TABLE marker (x INTEGER)")
+            .execute(queue.pool())
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO marker VALUES (7)")
+            .execute(queue.pool())
+            .await
+            .unwrap();
+        queue.pool().acquire().await.unwrap().close().await.unwrap();
+        let marker: i64 = sqlx::query_scalar("SELECT x FROM marker")
+            .fetch_one(queue.pool())
+            .await
+            .unwrap();
+        assert_eq!(marker, 7);
+        let runs: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM runs")
+            .fetch_one(queue.pool())
+            .await
+            .unwrap();
+        assert_eq!(runs, 0);
     }
 }
