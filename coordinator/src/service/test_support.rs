@@ -1,6 +1,5 @@
-//! A coordinator on a SQLite queue in a temporary file and a local store,
-//! with one run of single-prompt residual jobs already created (unit
-//! tests).
+//! A coordinator on an in-memory SQLite queue and a local store, with one
+//! run of single-prompt residual jobs already created (unit tests).
 
 use std::sync::Arc;
 
@@ -18,22 +17,12 @@ pub(crate) struct TestRun {
     pub(crate) model: ModelRef,
     pub(crate) store: ArtifactStore,
     _dir: tempfile::TempDir,
-    _database: tempfile::TempDir,
 }
 
 /// A coordinator holding run `experiment` of `jobs` queued jobs.
 pub(crate) async fn coordinator_with_run(experiment: &str, jobs: usize) -> TestRun {
     let dir = tempfile::tempdir().unwrap();
-    // A file, not `sqlite::memory:`: an in-memory database lives in its one
-    // connection, and a test that drops a future mid-query (as a
-    // disconnecting client does) may get that connection closed and a new,
-    // empty database in its place ("no such table: runs", seen in CI).
-    let database = tempfile::tempdir().unwrap();
-    let url = format!(
-        "sqlite://{}?mode=rwc",
-        database.path().join("queue.db").display()
-    );
-    let queue = Queue::connect(&url).await.unwrap();
+    let queue = Queue::connect("sqlite::memory:").await.unwrap();
     let store =
         ArtifactStore::from_url(dir.path().to_str().unwrap(), &StoreOptions::default()).unwrap();
     let coordinator = Coordinator::new(queue, store.clone(), LeaseTiming::default());
@@ -84,6 +73,5 @@ pub(crate) async fn coordinator_with_run(experiment: &str, jobs: usize) -> TestR
         model,
         store,
         _dir: dir,
-        _database: database,
     }
 }

@@ -4,12 +4,11 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
 use super::PtError;
-use super::archive::{decode_pt, encode_pt};
+use super::archive::{decode_pt, encode_pt_with};
 use super::parts::PtParts;
 use super::value::PtValue;
+use super::zip::Zip64;
 
 /// What was written by [`write_pt_file`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,12 +22,8 @@ pub struct PtFileInfo {
 /// Writes `value` to `path` with [`write_file_atomic`]. The archive folder
 /// inside the file is the file stem, reduced to `[A-Za-z0-9_]`.
 pub fn write_pt_file(path: &Path, value: &PtValue) -> Result<PtFileInfo, PtError> {
-    let bytes = encode_pt(value, &archive_name(path))?;
-    write_file_atomic(path, &bytes)?;
-    Ok(PtFileInfo {
-        bytes: bytes.len() as u64,
-        sha256: hex::encode(Sha256::digest(&bytes)),
-    })
+    let parts = encode_pt_with(value, &archive_name(path), Zip64::AS_TORCH)?;
+    write_pt_parts(path, &parts)
 }
 
 /// Writes an encoded file's `parts` to `path` as [`write_file_atomic`]
@@ -141,6 +136,8 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) ->
 
 #[cfg(test)]
 mod tests {
+    use sha2::{Digest, Sha256};
+
     use super::*;
     use crate::pt::{PtTensor, StoreDtype};
 
