@@ -43,7 +43,7 @@ use capture_proto::{
 };
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{info, warn};
 
 use self::compute::Capturer;
@@ -353,11 +353,7 @@ async fn pull_loop(
                     && running.len() < most_held =>
             {
                 let slot = slot.map_err(|e| PullError::Internal(format!("job slots closed: {e}")))?;
-                // A worker holding jobs only takes what is there now: its
-                // capture thread may be waiting to batch with it.
-                let wait = if running.is_empty() { CLAIM_WAIT } else { Duration::ZERO };
-                let held = compute::Held { slot, expected: worker.capturer.expect() };
-                claiming = Some((Box::pin(claim(worker, wait)), held));
+                claiming = Some(start_claim(worker, slot, running.is_empty()));
             }
             claim = async { claiming.as_mut().expect("guarded").0.as_mut().await }, if claiming.is_some() => {
                 let (_, held) = claiming.take().expect("guarded");
@@ -374,6 +370,17 @@ async fn pull_loop(
                     Claim::Job(job) => {
                         claimed += 1;
                         idle.reset();
+                        // The next claim starts (and is expected by the
+                        // capture thread) before this job can submit: a
+                        // capture thread lingering for a burst of claims
+                        // must not see none in between and start without
+                        // the rest.
+                        let more = !shutdown.fired()
+                            && options.max_jobs.is_none_or(|max| claimed < max)
+                            && running.len() + 1 < most_held;
+                        if more && let Ok(slot) = Arc::clone(&slots).try_acquire_owned() {
+                            claiming = Some(start_claim(worker, slot, false));
+                        }
                         running.push(run_claimed(worker, *job, held, shutdown.clone()));
                     }
                     Claim::NoWork { retry_after } => {
@@ -409,6 +416,22 @@ async fn pull_loop(
         "worker stopped"
     );
     Ok(report)
+}
+
+/// Starts a claim holding `slot`, expected by the capture thread until its
+/// job submits (or none comes). A worker holding jobs only takes what is
+/// there now: its capture thread may be waiting to batch with it.
+fn start_claim(
+    worker: &Worker,
+    slot: OwnedSemaphorePermit,
+    idle: bool,
+) -> (ClaimInFlight<'_>, compute::Held) {
+    let wait = if idle { CLAIM_WAIT } else { Duration::ZERO };
+    let held = compute::Held {
+        slot,
+        expected: worker.capturer.expect(),
+    };
+    (Box::pin(claim(worker, wait)), held)
 }
 
 /// Runs one claimed job, counted in the worker's metrics.
