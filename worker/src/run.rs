@@ -173,7 +173,8 @@ pub fn run_capture(options: &CaptureOptions) -> Result<CaptureSummary> {
         .unwrap_or_else(|| Manifest::new(identity, parameters));
 
     let model = meta.load_model(&device, compute_dtype)?;
-    let batch_size = batch_size_for(options.batch_size, &meta, &model, &settings, &prepared);
+    // The writer thread assembles and encodes one artifact at a time.
+    let batch_size = batch_size_for(options.batch_size, &meta, &model, &settings, &prepared, 1);
     let progress = progress_bar(options.progress, prepared.len());
     let started = Instant::now();
     let mut generated = 0usize;

@@ -272,7 +272,15 @@ fn capture_group(engine: &Engine, settings: &CaptureSettings, mut members: Vec<M
             Err(error) => member.finish(Err(error.into())),
         }
     }
-    let batch_size = batch_size_for(engine.batch_size, meta, model, settings, &prompts).max(1);
+    let batch_size = batch_size_for(
+        engine.batch_size,
+        meta,
+        model,
+        settings,
+        &prompts,
+        engine.encoders,
+    )
+    .max(1);
     debug!(
         jobs = members.len(),
         prompts = prompts.len(),

@@ -146,6 +146,9 @@ pub(crate) struct Engine {
     pub(crate) meta: ModelMeta,
     pub(crate) model: Gemma2,
     pub(crate) batch_size: BatchSize,
+    /// Artifacts that may be assembled at once: one per job held (each
+    /// job's upload task encodes its artifacts in turn), for `auto`.
+    pub(crate) encoders: usize,
 }
 
 /// What every job of this worker shares.
@@ -250,6 +253,7 @@ async fn start(options: &PullOptions) -> Result<Worker, PullError> {
             meta,
             model,
             batch_size,
+            encoders: most_held(concurrent_jobs),
         })
     })
     .await
@@ -316,10 +320,7 @@ async fn pull_loop(
     let mut running = FuturesUnordered::new();
     // One per job held until its capture is done (`--concurrent-jobs`).
     let slots = Arc::new(Semaphore::new(worker.concurrent_jobs));
-    // Jobs captured and still uploading count too, up to as many again: the
-    // artifacts waiting for upload stay within one more group's, however
-    // slow the store.
-    let most_held = 2 * worker.concurrent_jobs;
+    let most_held = most_held(worker.concurrent_jobs);
     // At most one claim in flight, kept across the loop's turns: dropping
     // it could lose a job the coordinator has already leased to us. It
     // holds a slot and keeps a free capture thread waiting for its job.
@@ -416,6 +417,14 @@ async fn pull_loop(
         "worker stopped"
     );
     Ok(report)
+}
+
+/// The most jobs a worker holds at once: `concurrent_jobs` capturing, and
+/// jobs captured and still uploading, up to as many again (the artifacts
+/// waiting for upload stay within one more group's, however slow the
+/// store).
+fn most_held(concurrent_jobs: usize) -> usize {
+    2 * concurrent_jobs
 }
 
 /// Starts a claim holding `slot`, expected by the capture thread until its

@@ -5,9 +5,11 @@
 //! response of the run (its KV cache and one pass's activations on the
 //! device; its trace on the host, twice: the next batch's trace grows while
 //! the previous one is written) and what does not grow with the batch (the
-//! largest artifact, assembled and encoded one at a time, its tensors'
-//! buffers becoming the file's parts), and fits as many sequences as half
-//! of the free memory allows on each side, between 1 and [`AUTO_MAX`].
+//! largest artifact, once per encoder: `worker run` and `worker capture`
+//! assemble and encode one at a time, `worker pull` one per job held, its
+//! tensors' buffers becoming the file's parts), and fits as many sequences
+//! as half of the free memory allows on each side, between 1 and
+//! [`AUTO_MAX`].
 
 use std::fmt;
 use std::str::FromStr;
@@ -77,9 +79,21 @@ impl RunLengths {
 pub struct SequenceCost {
     pub device: u64,
     pub host: u64,
-    /// The largest artifact (stored in f32, the widest store dtype), held
-    /// while it is encoded and written or uploaded, one at a time.
+    /// The largest artifacts (stored in f32, the widest store dtype), held
+    /// while they are encoded and written or uploaded: one per encoder
+    /// ([`SequenceCost::encoded_at_once`]).
     pub artifact: u64,
+}
+
+impl SequenceCost {
+    /// The cost when `encoders` artifacts can be assembled at once (each
+    /// upload task of `worker pull` encodes its job's artifacts in turn).
+    pub fn encoded_at_once(self, encoders: usize) -> Self {
+        Self {
+            artifact: self.artifact * encoders.max(1) as u64,
+            ..self
+        }
+    }
 }
 
 /// The memory estimate behind `auto` (see the module docs).
@@ -186,8 +200,9 @@ pub fn auto_batch_size(
 
 impl BatchSize {
     /// The number of prompts per batch for a run on `device` in `mode`
-    /// whose longest prompt and response are `lengths`; measures free
-    /// memory for `auto`, so call it once the model is loaded.
+    /// whose longest prompt and response are `lengths`, with `encoders`
+    /// artifacts assembled at once; measures free memory for `auto`, so
+    /// call it once the model is loaded.
     pub fn resolve(
         self,
         cfg: &Gemma2Config,
@@ -195,11 +210,12 @@ impl BatchSize {
         lengths: RunLengths,
         dtype: DType,
         device: &Device,
+        encoders: usize,
     ) -> usize {
         match self {
             BatchSize::Fixed(n) => n,
             BatchSize::Auto => auto_batch_size(
-                sequence_cost(cfg, mode, lengths, dtype),
+                sequence_cost(cfg, mode, lengths, dtype).encoded_at_once(encoders),
                 device.is_cpu(),
                 free_device_memory(device),
                 host_available_memory(),
@@ -273,6 +289,17 @@ mod tests {
         assert_eq!(n as u64, (8_000_000_000 - cost.artifact) / cost.host);
         // Less free memory than the artifact: one at a time.
         assert_eq!(auto_batch_size(cost, false, None, Some(8_000_000_000)), 1);
+        // A pull worker holding 4 jobs may encode 4 such artifacts at once:
+        // 60 GB free leaves (30 GB - 4 artifacts) for traces, where one
+        // encoder would leave room for more than 3 times as many.
+        let four = cost.encoded_at_once(4);
+        assert_eq!(four.artifact, 4 * cost.artifact);
+        assert_eq!((four.device, four.host), (cost.device, cost.host));
+        let n4 = auto_batch_size(four, false, None, Some(60_000_000_000));
+        assert_eq!(n4 as u64, (30_000_000_000 - four.artifact) / cost.host);
+        let n1 = auto_batch_size(cost, false, None, Some(60_000_000_000));
+        assert!(n4 >= 2 && n1 > 3 * n4, "{n1} vs {n4}");
+        assert_eq!(cost.encoded_at_once(0), cost);
     }
 
     #[test]
@@ -319,6 +346,7 @@ mod tests {
             lengths(40, 40),
             DType::F32,
             &Device::Cpu,
+            1,
         );
         assert!((1..=AUTO_MAX).contains(&n));
         assert_eq!(
@@ -327,7 +355,8 @@ mod tests {
                 &CaptureMode::Residual,
                 lengths(40, 40),
                 DType::F32,
-                &Device::Cpu
+                &Device::Cpu,
+                8,
             ),
             3
         );

@@ -200,6 +200,7 @@ pub fn batch_size_for(
     model: &Gemma2,
     settings: &CaptureSettings,
     prepared: &[PreparedPrompt],
+    encoders: usize,
 ) -> usize {
     batch
         .resolve(
@@ -208,6 +209,7 @@ pub fn batch_size_for(
             longest_lengths(prepared, settings),
             model.dtype(),
             model.device(),
+            encoders,
         )
         .min(prepared.len().max(1))
 }
