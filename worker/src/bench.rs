@@ -417,9 +417,10 @@ fn small_operation_seconds(device: &Device, dtype: DType, width: usize) -> Resul
 fn phase_line(batch: usize, phases: &StepPhases) -> String {
     let per_pass = |d: Duration| d.as_secs_f64() * 1e3 / phases.passes.max(1) as f64;
     format!(
-        "residual capture, batch of {batch}, ms per pass ({} passes, profiled): forward {:.2}, to host {:.2}, record {:.2}, choose {:.2}",
+        "residual capture, batch of {batch}, ms per pass ({} passes, profiled): forward {:.2} (queued by the host in {:.2}), to host {:.2}, record {:.2}, choose {:.2}",
         phases.passes,
         per_pass(phases.forward),
+        per_pass(phases.queued),
         per_pass(phases.to_host),
         per_pass(phases.record),
         per_pass(phases.choose),

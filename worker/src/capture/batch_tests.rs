@@ -8,7 +8,8 @@ use candle_core::{DType, Device};
 
 use super::decode::Sampling;
 use super::engine::{
-    BatchItem, ResponsePlan, TokenSite, capture_batch, capture_batch_at, capture_prompt,
+    BatchItem, ResponsePlan, StepPhases, TokenSite, capture_batch, capture_batch_at,
+    capture_batch_profiled, capture_prompt,
 };
 use super::trace::{PromptTrace, Rows};
 use crate::loader::ModelMeta;
@@ -193,6 +194,43 @@ pub(super) fn batched_equals_one_at_a_time(meta: &ModelMeta, model: &Gemma2) {
         );
         assert_traces_close(&format!("item {i}"), &batched[i], &alone);
     }
+}
+
+/// The bench's profiled batch captures what an unprofiled one does and
+/// counts one pass per step, each queued before it is finished.
+#[test]
+fn a_profiled_batch_captures_the_same_and_counts_its_passes() {
+    let (meta, model) = tiny_on(&Device::Cpu, DType::F32);
+    let (short, long) = short_and_long(&meta);
+    let plan = ResponsePlan::Generate {
+        sampling: &Sampling::Greedy,
+        max_new_tokens: 4,
+        eos_ids: &[],
+        prompt_key: "p",
+    };
+    let items = [
+        BatchItem {
+            prompt_ids: &short,
+            plan,
+        },
+        BatchItem {
+            prompt_ids: &long,
+            plan: ResponsePlan::Replay(&[5, 6]),
+        },
+    ];
+    let request = everything(model.config().num_hidden_layers);
+    let plain = capture_batch(&model, &items, &request, &mut |_| {}).unwrap();
+    let mut phases = StepPhases::default();
+    let profiled = capture_batch_profiled(&model, &items, &request, &mut phases).unwrap();
+    for (i, (a, b)) in profiled.iter().zip(&plain).enumerate() {
+        assert_eq!(a.response_ids, b.response_ids, "item {i}");
+        assert_traces_close(&format!("item {i}"), a, b);
+    }
+    // The prompt pass and 3 decode passes (the last token is not fed back).
+    assert_eq!(phases.passes, 4);
+    assert!(phases.queued > std::time::Duration::ZERO);
+    assert!(phases.queued <= phases.forward, "{phases:?}");
+    assert!(phases.record > std::time::Duration::ZERO, "{phases:?}");
 }
 
 /// Decode steps computing their attention as one operation (as on a GPU)

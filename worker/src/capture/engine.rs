@@ -119,6 +119,12 @@ pub struct StepPhases {
     pub passes: usize,
     /// The forward passes, until the device has finished them.
     pub forward: Duration,
+    /// The part of `forward` until the pass was queued (the host's work:
+    /// launching kernels, allocating). On the CPU a pass computes before it
+    /// returns, so this is all of `forward`; on a GPU, `forward` much
+    /// longer than this means the device is the bound, about equal means
+    /// the host is (kernel launches and their bookkeeping).
+    pub queued: Duration,
     /// Records (and logits, or tokens chosen on the device) to the host.
     pub to_host: Duration,
     /// Each sequence's records appended to its trace.
@@ -182,6 +188,7 @@ fn run_steps(
         let tokens: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
         let started = Instant::now();
         let out = model.forward_batch(&tokens, &mut cache, request, head_for(items, &running))?;
+        let queued = Instant::now();
         if phases.is_some() {
             model.device().synchronize()?;
         }
@@ -222,6 +229,7 @@ fn run_steps(
             model.device().synchronize()?;
             phases.passes += 1;
             phases.forward += forwarded - started;
+            phases.queued += queued - started;
             phases.record += recorded - forwarded;
             phases.to_host += hosted - recorded;
             phases.choose += hosted.elapsed();
