@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::capture::{
     BatchItem, CaptureMode, ResponsePlan, Sampling, StepPhases, TokenTexts, capture_batch,
-    capture_batch_profiled, capture_prompt, generate, internals_artifact, residual_artifact,
+    capture_batch_profiled, capture_prompt, generate, internals_artifact, residual_artifact_owned,
 };
 use crate::error::{CaptureError, Result};
 use crate::loader::{DeviceArg, dtype_name};
@@ -217,8 +217,10 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
             best = best.min(start.elapsed().as_secs_f64());
             let start = Instant::now();
             let (p, r) = (texts(&trace.prompt_ids), texts(&trace.response_ids));
+            // As the worker assembles them: a residual artifact takes its
+            // trace.
             let value = match &mode {
-                CaptureMode::Residual => residual_artifact(&trace, &p, &r, StoreDtype::F32),
+                CaptureMode::Residual => residual_artifact_owned(trace, &p, &r, StoreDtype::F32),
                 CaptureMode::Internals { layers } => {
                     let layer = trace.layer(layers[0]).expect("traced layer");
                     internals_artifact(&trace, layer, &p, &r, StoreDtype::F32)
@@ -323,10 +325,10 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
             best = best.min(start.elapsed().as_secs_f64());
             let start = Instant::now();
             let mut assembly = Duration::ZERO;
-            for trace in &traces {
+            for trace in traces {
                 let assembling = Instant::now();
                 let (p, r) = (texts(&trace.prompt_ids), texts(&trace.response_ids));
-                let value = residual_artifact(trace, &p, &r, StoreDtype::F32);
+                let value = residual_artifact_owned(trace, &p, &r, StoreDtype::F32);
                 assembly += assembling.elapsed();
                 encode_pt_parts(value, "bench")?;
             }

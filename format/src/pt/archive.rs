@@ -74,7 +74,7 @@ pub(super) fn encode_pt_parts_with(
         storages.push(tensor.data);
         Ok::<(), PtError>(())
     })?;
-    let visited: Vec<usize> = storages.iter().map(Vec::len).collect();
+    let visited: Vec<usize> = storages.iter().map(|data| data.len()).collect();
     if visited != sizes {
         return Err(PtError::Tensor(
             "the pickle's storages are not the value's tensors in document order".into(),

@@ -13,6 +13,7 @@
 //! 3. [`decode_pt`] materialises every tensor from its `data/<key>` entry.
 
 mod archive;
+mod bytes;
 mod crc32;
 mod file;
 mod opcodes;
@@ -30,6 +31,7 @@ mod tests;
 use std::path::PathBuf;
 
 pub use archive::{PtIndex, decode_pt, encode_pt, encode_pt_parts};
+pub use bytes::PtBytes;
 pub use crc32::crc32;
 pub use file::{
     PtFileInfo, archive_name, read_pt_file, write_file_atomic, write_pt_file, write_pt_parts,

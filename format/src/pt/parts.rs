@@ -4,15 +4,17 @@
 
 use sha2::{Digest, Sha256};
 
+use super::PtBytes;
+
 /// A `.pt` file in parts; the file is their concatenation, in order. No
 /// part is empty.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PtParts {
-    parts: Vec<Vec<u8>>,
+    parts: Vec<PtBytes>,
 }
 
 impl PtParts {
-    pub(super) fn new(parts: Vec<Vec<u8>>) -> Self {
+    pub(super) fn new(parts: Vec<PtBytes>) -> Self {
         debug_assert!(parts.iter().all(|part| !part.is_empty()));
         PtParts { parts }
     }
@@ -28,20 +30,24 @@ impl PtParts {
 
     /// The parts, in file order.
     pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
-        self.parts.iter().map(Vec::as_slice)
+        self.parts.iter().map(|part| &part[..])
     }
 
     /// The parts, in file order, to hand on without copying.
-    pub fn into_parts(self) -> Vec<Vec<u8>> {
+    pub fn into_parts(self) -> Vec<PtBytes> {
         self.parts
     }
 
     /// The whole file (copied together unless it is one part).
     pub fn into_bytes(mut self) -> Vec<u8> {
         if self.parts.len() == 1 {
-            return self.parts.pop().unwrap_or_default();
+            return self.parts.pop().unwrap_or_default().into_vec();
         }
-        self.parts.concat()
+        let mut bytes = Vec::with_capacity(usize::try_from(self.len()).unwrap_or(0));
+        for part in &self.parts {
+            bytes.extend_from_slice(part);
+        }
+        bytes
     }
 
     /// SHA-256 of the whole file, lowercase hex.

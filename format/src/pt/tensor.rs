@@ -6,7 +6,7 @@ use std::str::FromStr;
 use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 
-use super::PtError;
+use super::{PtBytes, PtError};
 
 /// Element type a capture is stored in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -105,7 +105,7 @@ impl From<StoreDtype> for PtDtype {
 pub struct PtTensor {
     pub dtype: PtDtype,
     pub shape: Vec<usize>,
-    pub data: Vec<u8>,
+    pub data: PtBytes,
 }
 
 impl PtTensor {
@@ -134,7 +134,29 @@ impl PtTensor {
         PtTensor {
             dtype,
             shape,
-            data: vec![0; numel * dtype.element_size()],
+            data: vec![0; numel * dtype.element_size()].into(),
+        }
+    }
+
+    /// [`PtTensor::from_f32`] taking the values: an `f32` tensor keeps
+    /// them as its data, without a copy.
+    ///
+    /// # Panics
+    /// If `values.len()` does not match `shape`.
+    pub fn from_f32_vec(shape: Vec<usize>, values: Vec<f32>, store: StoreDtype) -> Self {
+        if store != StoreDtype::F32 {
+            return PtTensor::from_f32(shape, &values, store);
+        }
+        assert_eq!(
+            values.len(),
+            shape.iter().product::<usize>(),
+            "PtTensor::from_f32_vec: {} values for shape {shape:?}",
+            values.len()
+        );
+        PtTensor {
+            dtype: PtDtype::F32,
+            shape,
+            data: PtBytes::from_f32(values),
         }
     }
 
@@ -300,7 +322,7 @@ mod tests {
         let t = PtTensor {
             dtype: PtDtype::I64,
             shape: vec![2],
-            data: vec![0; 8],
+            data: vec![0; 8].into(),
         };
         assert!(t.to_f32_vec().is_err());
     }

@@ -185,7 +185,7 @@ impl TensorRef {
         Ok(PtTensor {
             dtype: self.dtype,
             shape: self.shape.clone(),
-            data,
+            data: data.into(),
         })
     }
 

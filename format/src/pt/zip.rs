@@ -13,8 +13,8 @@
 
 use std::collections::HashMap;
 
-use super::PtError;
 use super::crc32::crc32;
+use super::{PtBytes, PtError};
 
 const LOCAL_SIG: u32 = 0x0403_4b50;
 const CENTRAL_SIG: u32 = 0x0201_4b50;
@@ -116,7 +116,7 @@ impl Zip64 {
 /// headers and copied data, and data moved in whole (see [`EntryData`]).
 pub(super) struct ZipWriter {
     /// Finished parts, in file order.
-    parts: Vec<Vec<u8>>,
+    parts: Vec<PtBytes>,
     /// Bytes in `parts`.
     parts_len: u64,
     /// The part being written.
@@ -131,7 +131,7 @@ pub(super) enum EntryData<'a> {
     Copied(&'a [u8]),
     /// Kept as a part of its own, without copying, if it is at least
     /// [`OWN_PART_FROM`] bytes long; copied like the others if not.
-    Moved(Vec<u8>),
+    Moved(PtBytes),
 }
 
 /// Moved data shorter than this is copied among the headers: a long
@@ -289,7 +289,7 @@ impl ZipWriter {
         match data {
             EntryData::Moved(bytes) if bytes.len() >= OWN_PART_FROM => {
                 let headers = std::mem::take(&mut self.buf);
-                self.push_part(headers);
+                self.push_part(headers.into());
                 self.push_part(bytes);
             }
             data => self.buf.extend_from_slice(data.bytes()),
@@ -302,10 +302,13 @@ impl ZipWriter {
     /// [`ZipWriter::finish`], concatenated.
     #[cfg(test)]
     pub(super) fn finish_bytes(self) -> Vec<u8> {
-        self.finish().concat()
+        self.finish()
+            .iter()
+            .flat_map(|part| part.iter().copied())
+            .collect()
     }
 
-    fn push_part(&mut self, part: Vec<u8>) {
+    fn push_part(&mut self, part: PtBytes) {
         if !part.is_empty() {
             self.parts_len += part.len() as u64;
             self.parts.push(part);
@@ -314,7 +317,7 @@ impl ZipWriter {
 
     /// Writes the central directory and end records and returns the
     /// archive's parts, in file order (one if no data was moved in).
-    pub(super) fn finish(mut self) -> Vec<Vec<u8>> {
+    pub(super) fn finish(mut self) -> Vec<PtBytes> {
         let cd_offset = self.parts_len + self.buf.len() as u64;
         for entry in &self.entries {
             entry.central_header(self.zip64, &mut self.buf);
@@ -323,7 +326,7 @@ impl ZipWriter {
         let count = self.entries.len() as u64;
         end_records(self.zip64, count, cd_offset, cd_size, &mut self.buf);
         let last = std::mem::take(&mut self.buf);
-        self.push_part(last);
+        self.push_part(last.into());
         self.parts
     }
 }
@@ -684,7 +687,8 @@ mod tests {
     fn written_archives_read_back() {
         let mut zip = ZipWriter::with_capacity(0, Zip64::AS_TORCH);
         zip.add("a/x", EntryData::Copied(b"hello")).unwrap();
-        zip.add("a/empty", EntryData::Moved(Vec::new())).unwrap();
+        zip.add("a/empty", EntryData::Moved(PtBytes::default()))
+            .unwrap();
         let mut bytes = zip.finish_bytes();
         let expected = vec![
             ("a/x".to_owned(), b"hello".to_vec()),
@@ -908,7 +912,7 @@ mod tests {
                 let data = if i % 2 == 0 {
                     EntryData::Copied(data)
                 } else {
-                    EntryData::Moved(data.clone())
+                    EntryData::Moved(data.clone().into())
                 };
                 zip.add(name, data).unwrap();
             }
@@ -916,7 +920,7 @@ mod tests {
             // Headers, entry 1, headers, entry 3, headers, entry 5, the rest.
             assert_eq!(parts.len(), 7);
             assert!(parts.iter().all(|p| !p.is_empty()));
-            let bytes = parts.concat();
+            let bytes: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
             assert_eq!(contents(&bytes), entries, "zip64 from {from}");
             let directory = ZipDirectory::parse_from_tail(&bytes, bytes.len() as u64).unwrap();
             for entry in directory.entries() {

@@ -75,6 +75,19 @@ impl Span {
         ))
     }
 
+    /// [`Span::prompt`], taking the rows: stored in f32, their buffer
+    /// becomes the tensor's data without a copy (the response's rows are
+    /// dropped, so take them first).
+    fn take_prompt(&self, rows: &mut Rows, store: StoreDtype) -> PtValue {
+        let mut data = std::mem::take(&mut rows.data);
+        data.truncate(self.prompt_len * rows.width);
+        PtValue::Tensor(PtTensor::from_f32_vec(
+            vec![self.prompt_len, rows.width],
+            data,
+            store,
+        ))
+    }
+
     /// The response rows stacked with `shape_of(response_len, width)`.
     fn response_stacked(
         &self,
@@ -137,6 +150,19 @@ fn square(rows: &AttentionRows, size: usize, per_head: bool, store: StoreDtype) 
     PtValue::Tensor(tensor)
 }
 
+/// The names of the residual artifact's three tensors of a layer.
+const RESIDUALS: [&str; 3] = ["residual_in", "after_attn", "residual_out"];
+
+fn residual_rows(layer: &LayerTrace) -> [&Rows; 3] {
+    [&layer.residual_in, &layer.after_attn, &layer.residual_out]
+}
+
+/// One layer's entry of an `activations` dict.
+fn layer_activations(layer: usize, tensors: [PtValue; 3]) -> (String, PtValue) {
+    let entries = RESIDUALS.into_iter().zip(tensors).collect();
+    (layer.to_string(), dict(entries))
+}
+
 /// The residual-mode artifact `inference/raw/residual/{set}/{id}.pt`: three
 /// residuals of every layer and head-averaged attention.
 pub fn residual_artifact(
@@ -146,29 +172,86 @@ pub fn residual_artifact(
     store: StoreDtype,
 ) -> PtValue {
     let span = Span::of(trace);
-    let section = |is_prompt: bool, texts: &TokenTexts| {
-        let activations = trace
-            .layers
-            .iter()
-            .map(|layer| {
-                let tensors = [
-                    ("residual_in", &layer.residual_in),
-                    ("after_attn", &layer.after_attn),
-                    ("residual_out", &layer.residual_out),
-                ]
-                .into_iter()
-                .map(|(name, rows)| {
-                    let t = if is_prompt {
-                        span.prompt(rows, store)
-                    } else {
-                        span.response_stacked(rows, store, |r, w| vec![r, w])
-                    };
-                    (name, t)
-                })
-                .collect();
-                (layer.layer.to_string(), dict(tensors))
-            })
-            .collect();
+    let prompt_activations = trace
+        .layers
+        .iter()
+        .map(|layer| {
+            let tensors = residual_rows(layer).map(|rows| span.prompt(rows, store));
+            layer_activations(layer.layer, tensors)
+        })
+        .collect();
+    let response_activations = response_activations(trace, span, store);
+    residual_value(
+        trace,
+        [prompt_activations, response_activations],
+        prompt,
+        response,
+        store,
+    )
+}
+
+/// [`residual_artifact`] taking the trace: stored in f32, the prompt's
+/// rows (most of the artifact but its attention) become its tensors
+/// without a copy.
+pub fn residual_artifact_owned(
+    mut trace: PromptTrace,
+    prompt: &TokenTexts,
+    response: &TokenTexts,
+    store: StoreDtype,
+) -> PtValue {
+    let span = Span::of(&trace);
+    let response_activations = response_activations(&trace, span, store);
+    let prompt_activations = trace
+        .layers
+        .iter_mut()
+        .map(|layer| {
+            let rows = [
+                &mut layer.residual_in,
+                &mut layer.after_attn,
+                &mut layer.residual_out,
+            ];
+            let tensors = rows.map(|rows| span.take_prompt(rows, store));
+            layer_activations(layer.layer, tensors)
+        })
+        .collect();
+    residual_value(
+        &trace,
+        [prompt_activations, response_activations],
+        prompt,
+        response,
+        store,
+    )
+}
+
+/// Every layer's stacked `[response_len, width]` residuals.
+fn response_activations(
+    trace: &PromptTrace,
+    span: Span,
+    store: StoreDtype,
+) -> Vec<(String, PtValue)> {
+    trace
+        .layers
+        .iter()
+        .map(|layer| {
+            let tensors = residual_rows(layer)
+                .map(|rows| span.response_stacked(rows, store, |r, w| vec![r, w]));
+            layer_activations(layer.layer, tensors)
+        })
+        .collect()
+}
+
+/// The residual artifact around the prompt's and the response's
+/// `activations`, with the attention of `trace`.
+fn residual_value(
+    trace: &PromptTrace,
+    activations: [Vec<(String, PtValue)>; 2],
+    prompt: &TokenTexts,
+    response: &TokenTexts,
+    store: StoreDtype,
+) -> PtValue {
+    let span = Span::of(trace);
+    let [prompt_activations, response_activations] = activations;
+    let section = |is_prompt: bool, texts: &TokenTexts, activations| {
         let attention = trace
             .layers
             .iter()
@@ -187,8 +270,8 @@ pub fn residual_artifact(
         PtValue::Dict(entries)
     };
     dict(vec![
-        ("prompt", section(true, prompt)),
-        ("response", section(false, response)),
+        ("prompt", section(true, prompt, prompt_activations)),
+        ("response", section(false, response, response_activations)),
     ])
 }
 
@@ -355,5 +438,46 @@ mod tests {
                 assert_eq!(counted, held, "{mode:?} {store}");
             }
         }
+    }
+
+    /// Taking the trace assembles the same value; in f32 the prompt's
+    /// residual tensors hold the trace's own row buffers.
+    #[test]
+    fn an_owned_trace_assembles_the_same_artifact_without_copying_rows() {
+        let (meta, model) = tiny_on(&Device::Cpu, DType::F32);
+        let cfg = &meta.config;
+        let prompt = meta.tokenizer.encode_prompt("Move, do not copy.").unwrap();
+        let request = CaptureMode::Residual.request(cfg.num_hidden_layers);
+        let plan = ResponsePlan::Replay(&[5, 6, 7]);
+        let trace = capture_prompt(&model, &prompt, &request, plan, &mut || {}).unwrap();
+        let texts = TokenTexts {
+            text: "t".into(),
+            tokens: vec!["a".into()],
+            token_ids: vec![1],
+        };
+        for store in [StoreDtype::F32, StoreDtype::BF16, StoreDtype::F16] {
+            let borrowed = residual_artifact(&trace, &texts, &texts, store);
+            let owned = residual_artifact_owned(trace.clone(), &texts, &texts, store);
+            assert_eq!(owned, borrowed, "{store}");
+        }
+        let buffers: Vec<usize> = trace
+            .layers
+            .iter()
+            .flat_map(|l| residual_rows(l).map(|rows| rows.data.as_ptr() as usize))
+            .collect();
+        assert_eq!(buffers.len(), 3 * cfg.num_hidden_layers);
+        let owned = residual_artifact_owned(trace, &texts, &texts, StoreDtype::F32);
+        // The prompt's `[N, hidden]` tensors, in document order: layer by
+        // layer, residual_in, after_attn, residual_out.
+        let mut held = Vec::new();
+        owned
+            .try_map(&mut |t| {
+                if t.shape == [prompt.len(), cfg.hidden_size] {
+                    held.push(t.data.as_ptr() as usize);
+                }
+                Ok::<_, ()>(())
+            })
+            .unwrap();
+        assert_eq!(held, buffers, "the prompt tensors are the trace's buffers");
     }
 }

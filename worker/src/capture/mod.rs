@@ -12,7 +12,7 @@ mod batch_tests;
 #[cfg(all(test, feature = "cuda"))]
 mod gpu_tests;
 
-pub use artifact::{TokenTexts, internals_artifact, residual_artifact};
+pub use artifact::{TokenTexts, internals_artifact, residual_artifact, residual_artifact_owned};
 pub use decode::Sampling;
 pub use engine::{
     BatchItem, ResponsePlan, StepPhases, capture_batch, capture_batch_profiled, capture_prompt,

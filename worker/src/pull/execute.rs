@@ -149,7 +149,9 @@ async fn upload_all(
             .parts
             .into_parts()
             .into_iter()
-            .map(Bytes::from)
+            // Each part's buffer, trace rows included, goes to the store
+            // as it is.
+            .map(Bytes::from_owner)
             .collect();
         let object = match run.stage_put(&job_id, attempt, &entry.key, payload).await {
             Ok(object) => object,

@@ -12,7 +12,7 @@ use super::replay::{ReplaySource, replay_ids};
 use super::{CHAT_TEMPLATE, internals_key, residual_key};
 use crate::capture::{
     BatchItem, CaptureMode, PromptTrace, ResponsePlan, Sampling, TokenTexts, capture_batch,
-    internals_artifact, residual_artifact,
+    internals_artifact, residual_artifact, residual_artifact_owned,
 };
 use crate::error::{CaptureError, Result};
 use crate::loader::ModelMeta;
@@ -71,6 +71,25 @@ struct ArtifactSource {
     store: StoreDtype,
 }
 
+impl ArtifactSource {
+    /// The residual artifact (`layer` `None`) or one layer's internals.
+    fn assemble(&self, layer: Option<usize>) -> PtValue {
+        let ArtifactSource {
+            trace,
+            prompt,
+            response,
+            store,
+        } = self;
+        match layer {
+            None => residual_artifact(trace, prompt, response, *store),
+            Some(l) => {
+                let layer = trace.layer(l).expect("requested layers are traced");
+                internals_artifact(trace, layer, prompt, response, *store)
+            }
+        }
+    }
+}
+
 /// An artifact's `.pt` file, in parts (its large tensors' buffers as they
 /// were assembled), and the tensor shapes of its manifest entry.
 #[derive(Debug)]
@@ -82,29 +101,29 @@ pub struct EncodedArtifact {
 impl PromptArtifact {
     /// The artifact's value, assembled from the prompt's trace.
     pub fn assemble(&self) -> PtValue {
-        let ArtifactSource {
-            trace,
-            prompt,
-            response,
-            store,
-        } = &*self.source;
-        match self.layer {
-            None => residual_artifact(trace, prompt, response, *store),
-            Some(l) => {
-                let layer = trace.layer(l).expect("requested layers are traced");
-                internals_artifact(trace, layer, prompt, response, *store)
-            }
-        }
+        self.source.assemble(self.layer)
     }
 
     /// Assembles the value and encodes it: the `.pt` file's bytes, exactly
     /// as [`crate::pt::write_pt_file`] writes them at `{root}/{key}`, with
-    /// the tensors' data moved in rather than copied.
-    pub fn encode(&self) -> Result<EncodedArtifact> {
-        let value = self.assemble();
+    /// the tensors' data moved in rather than copied. The residual
+    /// artifact, once no other handle shares its trace, takes the trace's
+    /// prompt rows as its tensors' data (stored in f32).
+    pub fn encode(self) -> Result<EncodedArtifact> {
+        let name = archive_name(Path::new(&self.key));
+        let value = match (self.layer, Arc::try_unwrap(self.source)) {
+            (None, Ok(source)) => residual_artifact_owned(
+                source.trace,
+                &source.prompt,
+                &source.response,
+                source.store,
+            ),
+            (layer, Ok(source)) => source.assemble(layer),
+            (layer, Err(shared)) => shared.assemble(layer),
+        };
         let shapes = tensor_shapes(&value);
         Ok(EncodedArtifact {
-            parts: encode_pt_parts(value, &archive_name(Path::new(&self.key)))?,
+            parts: encode_pt_parts(value, &name)?,
             shapes,
         })
     }

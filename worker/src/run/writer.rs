@@ -4,6 +4,7 @@
 //! the next batch. The queue between them is bounded, so at most one batch
 //! of captured prompts waits in memory.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
@@ -65,11 +66,16 @@ fn write_all(
     prompts: Receiver<CapturedPrompt>,
 ) -> Result<Vec<ArtifactEntry>> {
     let mut written = Vec::new();
-    for captured in prompts {
-        for artifact in &captured.artifacts {
+    for mut captured in prompts {
+        // Taken out of the prompt, so that encoding can take the trace
+        // once its last artifact is encoded.
+        for artifact in std::mem::take(&mut captured.artifacts) {
+            let mut entry = captured.entry(&artifact, BTreeMap::new(), 0, String::new());
             let encoded = artifact.encode()?;
-            let info = write_pt_parts(&out.join(&artifact.key), &encoded.parts)?;
-            let entry = captured.entry(artifact, encoded.shapes, info.bytes, info.sha256);
+            let info = write_pt_parts(&out.join(&entry.key), &encoded.parts)?;
+            entry.shapes = encoded.shapes;
+            entry.bytes = info.bytes;
+            entry.sha256 = info.sha256;
             manifest.upsert(entry.clone());
             written.push(entry);
         }

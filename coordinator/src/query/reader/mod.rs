@@ -906,7 +906,7 @@ fn convert_all(tensors: Vec<RawTensor>) -> Result<Vec<TensorValues>, String> {
             let tensor = PtTensor {
                 dtype: raw.dtype,
                 shape: raw.shape,
-                data: raw.bytes.to_vec(),
+                data: raw.bytes.to_vec().into(),
             };
             let values = tensor.to_f32_vec().map_err(|err| err.to_string())?;
             Ok((tensor.shape, values))

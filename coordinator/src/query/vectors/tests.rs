@@ -176,7 +176,7 @@ fn unusable_vectors_are_refused_with_a_reason() {
     let ints = PtValue::Tensor(PtTensor {
         dtype: PtDtype::I64,
         shape: vec![2],
-        data: vec![0; 16],
+        data: vec![0; 16].into(),
     });
     assert!(error(ints).contains("int64"));
     let msg = decode_vector(b"not a zip", "x.pt").unwrap_err().to_string();

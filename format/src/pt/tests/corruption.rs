@@ -65,7 +65,7 @@ fn flipped_file_bytes_never_panic() {
 fn corrupt_pickles_never_panic() {
     let value = small_value();
     let pickled = pickle_value(&value).unwrap();
-    let storages: Vec<&[u8]> = pickled.storages.iter().map(|t| t.data.as_slice()).collect();
+    let storages: Vec<&[u8]> = pickled.storages.iter().map(|t| &t.data[..]).collect();
     let pickle = pickled.pickle;
     assert_eq!(decode_pt(&archive(&pickle, &storages)).unwrap(), value);
     for len in 0..pickle.len() {

@@ -85,7 +85,7 @@ fn any_tensor() -> impl Strategy<Value = PtTensor> {
         vec(element(dtype), numel).prop_map(move |elements| PtTensor {
             dtype,
             shape: shape.clone(),
-            data: elements.concat(),
+            data: elements.concat().into(),
         })
     })
 }
@@ -303,7 +303,7 @@ proptest! {
         tensors_of(&value, &mut expected);
         prop_assert_eq!(datas.len(), expected.len());
         for (data, tensor) in datas.iter().zip(&expected) {
-            prop_assert_eq!(data, &tensor.data);
+            prop_assert_eq!(&data[..], &tensor.data[..]);
         }
     }
 
@@ -376,7 +376,7 @@ fn every_cut_of_a_small_file_is_an_error() {
     let scalar = PtTensor {
         dtype: PtDtype::BF16,
         shape: vec![],
-        data: vec![0xc0, 0x7f],
+        data: vec![0xc0, 0x7f].into(),
     };
     let value = PtValue::Dict(vec![
         ("nan".into(), PtValue::Float(f64::NAN)),

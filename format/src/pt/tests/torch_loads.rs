@@ -143,7 +143,7 @@ fn torch_loads_an_archive_past_4_gib() {
         PtValue::Tensor(PtTensor {
             dtype: PtDtype::F32,
             shape,
-            data,
+            data: data.into(),
         })
     };
     let small = |n: usize| {
