@@ -14,7 +14,8 @@ use serde::Serialize;
 
 use crate::capture::{
     BatchItem, CaptureMode, ResponsePlan, Sampling, StepPhases, TokenTexts, capture_batch,
-    capture_batch_profiled, capture_prompt, generate, internals_artifact, residual_artifact_owned,
+    capture_batch_profiled, capture_prompt, generate, internals_artifact_owned,
+    residual_artifact_owned,
 };
 use crate::error::{CaptureError, Result};
 use crate::loader::{DeviceArg, dtype_name};
@@ -222,8 +223,7 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
             let value = match &mode {
                 CaptureMode::Residual => residual_artifact_owned(trace, &p, &r, StoreDtype::F32),
                 CaptureMode::Internals { layers } => {
-                    let layer = trace.layer(layers[0]).expect("traced layer");
-                    internals_artifact(&trace, layer, &p, &r, StoreDtype::F32)
+                    internals_artifact_owned(trace, layers[0], &p, &r, StoreDtype::F32)
                 }
             };
             encode_pt_parts(value, "bench")?;

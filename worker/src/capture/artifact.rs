@@ -275,6 +275,23 @@ fn residual_value(
     ])
 }
 
+/// A layer's position-wise rows as the internals artifact's prompt section
+/// orders them: q, k, v; up, gelu, down; residual input, after attention,
+/// output.
+fn internals_rows(layer: &LayerTrace) -> [&Rows; 9] {
+    [
+        &layer.q_proj,
+        &layer.k_proj,
+        &layer.v_proj,
+        &layer.up_proj,
+        &layer.gelu,
+        &layer.down_proj,
+        &layer.residual_in,
+        &layer.after_attn,
+        &layer.residual_out,
+    ]
+}
+
 /// The internals-mode artifact of one layer,
 /// `inference/raw/internals/{set}/{id}_L{layer}.pt`.
 pub fn internals_artifact(
@@ -285,77 +302,117 @@ pub fn internals_artifact(
     store: StoreDtype,
 ) -> PtValue {
     let span = Span::of(trace);
-    let prompt_section = {
-        let p = |rows: &Rows| span.prompt(rows, store);
-        let mut entries = prompt.entries();
-        entries.push((
-            "attention".into(),
-            dict(vec![
-                ("q_proj", p(&layer.q_proj)),
-                ("k_proj", p(&layer.k_proj)),
-                ("v_proj", p(&layer.v_proj)),
-                (
-                    "attn_weights",
-                    span.prompt_attention(&layer.attention, true, store),
-                ),
-            ]),
-        ));
-        entries.push((
-            "mlp".into(),
-            dict(vec![
-                ("up_proj", p(&layer.up_proj)),
-                ("gelu", p(&layer.gelu)),
-                ("down_proj", p(&layer.down_proj)),
-            ]),
-        ));
-        entries.push((
-            "residual".into(),
-            dict(vec![
-                ("input", p(&layer.residual_in)),
-                ("after_attn", p(&layer.after_attn)),
-                ("output", p(&layer.residual_out)),
-            ]),
-        ));
-        PtValue::Dict(entries)
-    };
-    let response_section = {
-        let l = |rows: &Rows| span.response_list(rows, store);
-        let s = |rows: &Rows| span.response_stacked(rows, store, |r, w| vec![r, 1, w]);
-        let mut entries = response.entries();
-        entries.push((
-            "attention".into(),
-            dict(vec![
-                ("q_proj", l(&layer.q_proj)),
-                ("k_proj", l(&layer.k_proj)),
-                ("v_proj", l(&layer.v_proj)),
-                (
-                    "attn_weights",
-                    span.response_attention(&layer.attention, true, store),
-                ),
-            ]),
-        ));
-        entries.push((
-            "mlp".into(),
-            dict(vec![
-                ("up_proj", l(&layer.up_proj)),
-                ("gelu", l(&layer.gelu)),
-                ("down_proj", l(&layer.down_proj)),
-            ]),
-        ));
-        entries.push((
-            "residual".into(),
-            dict(vec![
-                ("input", s(&layer.residual_in)),
-                ("after_attn", s(&layer.after_attn)),
-                ("output", s(&layer.residual_out)),
-            ]),
-        ));
-        PtValue::Dict(entries)
-    };
+    let tensors = internals_rows(layer).map(|rows| span.prompt(rows, store));
+    let response_section = internals_response(span, layer, response, store);
+    internals_value(span, layer, tensors, response_section, prompt, store)
+}
+
+/// [`internals_artifact`] of `trace`'s layer `layer`, taking the trace:
+/// stored in f32, the prompt's rows become its tensors without a copy.
+///
+/// # Panics
+/// If `trace` has no layer `layer`.
+pub fn internals_artifact_owned(
+    trace: PromptTrace,
+    layer: usize,
+    prompt: &TokenTexts,
+    response: &TokenTexts,
+    store: StoreDtype,
+) -> PtValue {
+    let span = Span::of(&trace);
+    let mut layer = trace
+        .layers
+        .into_iter()
+        .find(|t| t.layer == layer)
+        .expect("the layer is traced");
+    let response_section = internals_response(span, &layer, response, store);
+    let l = &mut layer;
+    let rows = [
+        &mut l.q_proj,
+        &mut l.k_proj,
+        &mut l.v_proj,
+        &mut l.up_proj,
+        &mut l.gelu,
+        &mut l.down_proj,
+        &mut l.residual_in,
+        &mut l.after_attn,
+        &mut l.residual_out,
+    ];
+    let tensors = rows.map(|rows| span.take_prompt(rows, store));
+    internals_value(span, &layer, tensors, response_section, prompt, store)
+}
+
+/// The internals artifact: the prompt section around its `tensors`
+/// (ordered as [`internals_rows`]) and `layer`'s attention, and the
+/// response section.
+fn internals_value(
+    span: Span,
+    layer: &LayerTrace,
+    tensors: [PtValue; 9],
+    response_section: PtValue,
+    prompt: &TokenTexts,
+    store: StoreDtype,
+) -> PtValue {
+    let attention = span.prompt_attention(&layer.attention, true, store);
     dict(vec![
-        ("prompt", prompt_section),
+        ("prompt", internals_section(prompt, tensors, attention)),
         ("response", response_section),
     ])
+}
+
+/// The internals artifact's response section: per-step lists of the
+/// projections, stacked residuals and one attention matrix per step.
+fn internals_response(
+    span: Span,
+    layer: &LayerTrace,
+    response: &TokenTexts,
+    store: StoreDtype,
+) -> PtValue {
+    let [q, k, v, up, gelu, down, input, after_attn, output] = internals_rows(layer);
+    let l = |rows: &Rows| span.response_list(rows, store);
+    let s = |rows: &Rows| span.response_stacked(rows, store, |r, w| vec![r, 1, w]);
+    let tensors = [
+        l(q),
+        l(k),
+        l(v),
+        l(up),
+        l(gelu),
+        l(down),
+        s(input),
+        s(after_attn),
+        s(output),
+    ];
+    let attention = span.response_attention(&layer.attention, true, store);
+    internals_section(response, tensors, attention)
+}
+
+/// One section of the internals artifact: `texts`, then the `tensors`
+/// (ordered as [`internals_rows`]) and `attention` grouped by module.
+fn internals_section(texts: &TokenTexts, tensors: [PtValue; 9], attention: PtValue) -> PtValue {
+    let [q, k, v, up, gelu, down, input, after_attn, output] = tensors;
+    let mut entries = texts.entries();
+    entries.push((
+        "attention".into(),
+        dict(vec![
+            ("q_proj", q),
+            ("k_proj", k),
+            ("v_proj", v),
+            ("attn_weights", attention),
+        ]),
+    ));
+    entries.push((
+        "mlp".into(),
+        dict(vec![("up_proj", up), ("gelu", gelu), ("down_proj", down)]),
+    ));
+    entries.push((
+        "residual".into(),
+        dict(vec![
+            ("input", input),
+            ("after_attn", after_attn),
+            ("output", output),
+        ]),
+    ));
+    PtValue::Dict(entries)
 }
 
 /// Bytes of tensor data in the artifact of a prompt of `prompt_len` tokens
@@ -440,14 +497,12 @@ mod tests {
         }
     }
 
-    /// Taking the trace assembles the same value; in f32 the prompt's
-    /// residual tensors hold the trace's own row buffers.
-    #[test]
-    fn an_owned_trace_assembles_the_same_artifact_without_copying_rows() {
+    /// A trace of a short prompt and a 3-token replay on the tiny model,
+    /// its prompt length, and placeholder texts.
+    fn short_trace(mode: &CaptureMode) -> (PromptTrace, usize, TokenTexts) {
         let (meta, model) = tiny_on(&Device::Cpu, DType::F32);
-        let cfg = &meta.config;
         let prompt = meta.tokenizer.encode_prompt("Move, do not copy.").unwrap();
-        let request = CaptureMode::Residual.request(cfg.num_hidden_layers);
+        let request = mode.request(meta.config.num_hidden_layers);
         let plan = ResponsePlan::Replay(&[5, 6, 7]);
         let trace = capture_prompt(&model, &prompt, &request, plan, &mut || {}).unwrap();
         let texts = TokenTexts {
@@ -455,6 +510,29 @@ mod tests {
             tokens: vec!["a".into()],
             token_ids: vec![1],
         };
+        (trace, prompt.len(), texts)
+    }
+
+    /// Where the data of `value`'s tensors that `pick` accepts lives, in
+    /// document order.
+    fn data_addresses(value: PtValue, pick: impl Fn(&PtTensor) -> bool) -> Vec<usize> {
+        let mut held = Vec::new();
+        value
+            .try_map(&mut |t| {
+                if pick(&t) {
+                    held.push(t.data.as_ptr() as usize);
+                }
+                Ok::<_, ()>(())
+            })
+            .unwrap();
+        held
+    }
+
+    /// Taking the trace assembles the same value; in f32 the prompt's
+    /// residual tensors hold the trace's own row buffers.
+    #[test]
+    fn an_owned_trace_assembles_the_same_artifact_without_copying_rows() {
+        let (trace, prompt_len, texts) = short_trace(&CaptureMode::Residual);
         for store in [StoreDtype::F32, StoreDtype::BF16, StoreDtype::F16] {
             let borrowed = residual_artifact(&trace, &texts, &texts, store);
             let owned = residual_artifact_owned(trace.clone(), &texts, &texts, store);
@@ -465,19 +543,40 @@ mod tests {
             .iter()
             .flat_map(|l| residual_rows(l).map(|rows| rows.data.as_ptr() as usize))
             .collect();
-        assert_eq!(buffers.len(), 3 * cfg.num_hidden_layers);
+        assert_eq!(buffers.len(), 3 * trace.layers.len());
+        let hidden = trace.layers[0].residual_in.width;
         let owned = residual_artifact_owned(trace, &texts, &texts, StoreDtype::F32);
         // The prompt's `[N, hidden]` tensors, in document order: layer by
         // layer, residual_in, after_attn, residual_out.
-        let mut held = Vec::new();
-        owned
-            .try_map(&mut |t| {
-                if t.shape == [prompt.len(), cfg.hidden_size] {
-                    held.push(t.data.as_ptr() as usize);
-                }
-                Ok::<_, ()>(())
-            })
-            .unwrap();
+        let held = data_addresses(owned, |t| t.shape == [prompt_len, hidden]);
         assert_eq!(held, buffers, "the prompt tensors are the trace's buffers");
+    }
+
+    /// The same for one layer's internals: every prompt tensor but the
+    /// attention matrices is the layer's own row buffer.
+    #[test]
+    fn an_owned_layer_assembles_the_same_internals_without_copying_rows() {
+        let mode = CaptureMode::Internals { layers: vec![0, 1] };
+        let (trace, _, texts) = short_trace(&mode);
+        for store in [StoreDtype::F32, StoreDtype::BF16] {
+            for l in [0, 1] {
+                let layer = trace.layer(l).unwrap();
+                let borrowed = internals_artifact(&trace, layer, &texts, &texts, store);
+                let owned = internals_artifact_owned(trace.clone(), l, &texts, &texts, store);
+                assert_eq!(owned, borrowed, "layer {l} {store}");
+            }
+        }
+        let buffers: Vec<usize> = internals_rows(trace.layer(1).unwrap())
+            .map(|rows| rows.data.as_ptr() as usize)
+            .to_vec();
+        let owned = internals_artifact_owned(trace, 1, &texts, &texts, StoreDtype::F32);
+        let PtValue::Dict(sections) = owned else {
+            panic!("a dict")
+        };
+        // Document order of the prompt section: q, k, v, the attention
+        // matrix; up, gelu, down; the three residuals.
+        let (_, prompt_section) = sections.into_iter().next().unwrap();
+        let held = data_addresses(prompt_section, |t| t.shape.len() == 2);
+        assert_eq!(held, buffers, "the prompt tensors are the layer's buffers");
     }
 }

@@ -18,7 +18,7 @@ use crate::model_files::ModelSource;
 
 /// The tiny fixture checkpoint on `device`, computing in `dtype`; from
 /// `CAPTURE_TINY_MODEL` when set (a test binary run on another machine).
-pub(super) fn tiny_on(device: &Device, dtype: DType) -> (ModelMeta, Gemma2) {
+pub(crate) fn tiny_on(device: &Device, dtype: DType) -> (ModelMeta, Gemma2) {
     let dir = std::env::var_os("CAPTURE_TINY_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| {

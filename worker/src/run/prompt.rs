@@ -11,8 +11,9 @@ use super::batch::{BatchSize, RunLengths};
 use super::replay::{ReplaySource, replay_ids};
 use super::{CHAT_TEMPLATE, internals_key, residual_key};
 use crate::capture::{
-    BatchItem, CaptureMode, PromptTrace, ResponsePlan, Sampling, TokenTexts, capture_batch,
-    internals_artifact, residual_artifact, residual_artifact_owned,
+    BatchItem, CaptureMode, LayerTrace, PromptTrace, ResponsePlan, Sampling, TokenTexts,
+    capture_batch, internals_artifact, internals_artifact_owned, residual_artifact,
+    residual_artifact_owned,
 };
 use crate::error::{CaptureError, Result};
 use crate::loader::ModelMeta;
@@ -61,8 +62,8 @@ pub struct PromptArtifact {
     source: Arc<ArtifactSource>,
 }
 
-/// What a prompt's artifacts are assembled from (shared by the artifacts of
-/// the layers of one internals capture).
+/// What an artifact is assembled from: the prompt's trace (in internals
+/// mode, of the artifact's layer only) and texts.
 #[derive(Debug)]
 struct ArtifactSource {
     trace: PromptTrace,
@@ -88,6 +89,15 @@ impl ArtifactSource {
             }
         }
     }
+
+    /// [`ArtifactSource::assemble`], taking the trace.
+    fn assemble_owned(self, layer: Option<usize>) -> PtValue {
+        let (texts, store) = ((&self.prompt, &self.response), self.store);
+        match layer {
+            None => residual_artifact_owned(self.trace, texts.0, texts.1, store),
+            Some(l) => internals_artifact_owned(self.trace, l, texts.0, texts.1, store),
+        }
+    }
 }
 
 /// An artifact's `.pt` file, in parts (its large tensors' buffers as they
@@ -106,20 +116,14 @@ impl PromptArtifact {
 
     /// Assembles the value and encodes it: the `.pt` file's bytes, exactly
     /// as [`crate::pt::write_pt_file`] writes them at `{root}/{key}`, with
-    /// the tensors' data moved in rather than copied. The residual
-    /// artifact, once no other handle shares its trace, takes the trace's
+    /// the tensors' data moved in rather than copied. Unless another
+    /// handle (a clone) shares its trace, the artifact takes the trace's
     /// prompt rows as its tensors' data (stored in f32).
     pub fn encode(self) -> Result<EncodedArtifact> {
         let name = archive_name(Path::new(&self.key));
-        let value = match (self.layer, Arc::try_unwrap(self.source)) {
-            (None, Ok(source)) => residual_artifact_owned(
-                source.trace,
-                &source.prompt,
-                &source.response,
-                source.store,
-            ),
-            (layer, Ok(source)) => source.assemble(layer),
-            (layer, Err(shared)) => shared.assemble(layer),
+        let value = match Arc::try_unwrap(self.source) {
+            Ok(source) => source.assemble_owned(self.layer),
+            Err(shared) => shared.assemble(self.layer),
         };
         let shapes = tensor_shapes(&value);
         Ok(EncodedArtifact {
@@ -321,23 +325,50 @@ fn captured_prompt(
         token_ids: trace.response_ids.clone(),
     };
     let (prompt_tokens, response_tokens) = (trace.prompt_ids.len(), trace.response_ids.len());
-    let source = Arc::new(ArtifactSource {
-        trace,
-        prompt,
-        response,
-        store: settings.store_dtype,
-    });
-    let artifact = |key: String, layer: Option<usize>| PromptArtifact {
-        key,
-        layer,
-        source: Arc::clone(&source),
-    };
+    let store = settings.store_dtype;
     let artifacts = match &settings.mode {
-        CaptureMode::Residual => vec![artifact(residual_key(&item.set, &item.prompt.id), None)],
-        CaptureMode::Internals { layers } => layers
-            .iter()
-            .map(|&l| artifact(internals_key(&item.set, &item.prompt.id, l), Some(l)))
-            .collect(),
+        CaptureMode::Residual => vec![PromptArtifact {
+            key: residual_key(&item.set, &item.prompt.id),
+            layer: None,
+            source: Arc::new(ArtifactSource {
+                trace,
+                prompt,
+                response,
+                store,
+            }),
+        }],
+        // A trace per layer: each artifact can take its own when encoded.
+        CaptureMode::Internals { layers: chosen } => {
+            let PromptTrace {
+                prompt_ids,
+                response_ids,
+                layers,
+            } = trace;
+            let mut traced: Vec<Option<LayerTrace>> = layers.into_iter().map(Some).collect();
+            chosen
+                .iter()
+                .map(|&l| {
+                    traced
+                        .iter_mut()
+                        .find_map(|t| t.take_if(|t| t.layer == l))
+                        .expect("requested layers are traced (once)")
+                })
+                .map(|layer| PromptArtifact {
+                    key: internals_key(&item.set, &item.prompt.id, layer.layer),
+                    layer: Some(layer.layer),
+                    source: Arc::new(ArtifactSource {
+                        trace: PromptTrace {
+                            prompt_ids: prompt_ids.clone(),
+                            response_ids: response_ids.clone(),
+                            layers: vec![layer],
+                        },
+                        prompt: prompt.clone(),
+                        response: response.clone(),
+                        store,
+                    }),
+                })
+                .collect()
+        }
     };
     Ok(CapturedPrompt {
         set: item.set.clone(),
@@ -347,4 +378,57 @@ fn captured_prompt(
         response_tokens,
         artifacts,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+
+    use super::*;
+    use crate::capture::batch_tests::tiny_on;
+
+    /// Every artifact of a captured prompt holds its trace alone (internals:
+    /// one layer each), so encoding takes it, and the file is the one
+    /// encoding from a shared trace writes.
+    #[test]
+    fn each_artifact_owns_its_trace_and_encodes_the_same_file() {
+        let (meta, model) = tiny_on(&Device::Cpu, DType::F32);
+        let prompts = [Prompt {
+            id: "1".into(),
+            text: "Each artifact its own trace.".into(),
+            note: None,
+        }];
+        for (mode, layers) in [
+            (CaptureMode::Residual, vec![None]),
+            (
+                CaptureMode::Internals { layers: vec![0, 2] },
+                vec![Some(0), Some(2)],
+            ),
+        ] {
+            let settings = CaptureSettings {
+                mode,
+                max_new_tokens: 3,
+                sampling: Sampling::Greedy,
+                store_dtype: StoreDtype::F32,
+                chat_template: false,
+            };
+            let prepared = prepare_prompts(&meta, &settings, "s", &prompts, None).unwrap();
+            let mut captured =
+                capture_prepared_batch(&meta, &model, &settings, &prepared, &mut |_| {}).unwrap();
+            let artifacts = std::mem::take(&mut captured[0].artifacts);
+            assert_eq!(
+                artifacts.iter().map(|a| a.layer).collect::<Vec<_>>(),
+                layers
+            );
+            for artifact in artifacts {
+                assert_eq!(Arc::strong_count(&artifact.source), 1, "{}", artifact.key);
+                // A clone shares the trace: it assembles from it by reference.
+                let shared = artifact.clone().encode().unwrap();
+                let owned = artifact.encode().unwrap();
+                assert_eq!(owned.shapes, shared.shapes);
+                assert_eq!(owned.parts.sha256(), shared.parts.sha256());
+                assert_eq!(owned.parts.len(), shared.parts.len());
+            }
+        }
+    }
 }
