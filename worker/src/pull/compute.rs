@@ -349,7 +349,7 @@ fn capture_rows(
             return;
         }
     };
-    for (&row, prompt) in rows.iter().zip(captured) {
+    for (&row, mut prompt) in rows.iter().zip(captured) {
         let member = &mut members[owners[row]];
         if !member.active() {
             continue;
@@ -362,15 +362,14 @@ fn capture_rows(
             .fetch_add(tokens, Ordering::Relaxed);
         member.job.metrics.tokens_captured(tokens);
         let mut sent = true;
-        for artifact in &prompt.artifacts {
+        // Taken out of the prompt: the upload task then holds each artifact
+        // alone, and encoding takes its trace.
+        for artifact in std::mem::take(&mut prompt.artifacts) {
             // Shapes come from the upload task, which assembles and encodes
             // the artifact; size and sha256 from the upload, which hashes as
             // it sends.
-            let entry = prompt.entry(artifact, BTreeMap::new(), 0, String::new());
-            let upload = PendingUpload {
-                entry,
-                artifact: artifact.clone(),
-            };
+            let entry = prompt.entry(&artifact, BTreeMap::new(), 0, String::new());
+            let upload = PendingUpload { entry, artifact };
             if !member.send(upload) {
                 sent = false;
                 break;
