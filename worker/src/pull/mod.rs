@@ -377,6 +377,7 @@ async fn pull_loop(
                         // must not see none in between and start without
                         // the rest.
                         let more = !shutdown.fired()
+                            && !no_more
                             && options.max_jobs.is_none_or(|max| claimed < max)
                             && running.len() + 1 < most_held;
                         if more && let Ok(slot) = Arc::clone(&slots).try_acquire_owned() {

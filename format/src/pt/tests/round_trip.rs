@@ -4,7 +4,9 @@ use super::{archive, artifact, dict, edge_cases, tensor};
 use crate::pt::pickle_read::unpickle;
 use sha2::{Digest, Sha256};
 
-use crate::pt::{PtError, PtTree, PtValue, StoreDtype, decode_pt, encode_pt, encode_pt_parts};
+use crate::pt::{
+    PtError, PtTensor, PtTree, PtValue, StoreDtype, decode_pt, encode_pt, encode_pt_parts,
+};
 
 const STORES: [StoreDtype; 3] = [StoreDtype::F32, StoreDtype::F16, StoreDtype::BF16];
 
@@ -75,6 +77,48 @@ fn parts_are_the_bytes_encode_pt_writes() {
             assert!(parts.into_bytes() == bytes, "{store}");
         }
     }
+}
+
+/// Tensors holding their f32 values (moved in, not converted) encode to
+/// the bytes the converted ones do, big ones as parts of their own, and
+/// the file keeps the values' buffer.
+#[test]
+fn f32_values_moved_in_encode_like_converted_ones() {
+    let values: Vec<f32> = (0..40_000).map(|i| (i as f32 * 0.37).sin()).collect();
+    let small = vec![1.5f32, -2.0, 3.25];
+    let shapes = [vec![200, 200], vec![3]];
+    let build = |moved: bool| {
+        let tensors = [values.clone(), small.clone()]
+            .into_iter()
+            .zip(shapes.clone())
+            .map(|(v, shape)| {
+                let t = if moved {
+                    PtTensor::from_f32_vec(shape, v, StoreDtype::F32)
+                } else {
+                    PtTensor::from_f32(shape, &v, StoreDtype::F32)
+                };
+                PtValue::Tensor(t)
+            });
+        PtValue::List(tensors.collect())
+    };
+    let (converted, moved) = (build(false), build(true));
+    assert_eq!(moved, converted);
+    let address = match &moved {
+        PtValue::List(items) => match &items[0] {
+            PtValue::Tensor(t) => t.data.as_ptr() as usize,
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    };
+    let bytes = encode_pt(&converted, "p").unwrap();
+    assert!(encode_pt(&moved, "p").unwrap() == bytes);
+    let parts = encode_pt_parts(moved, "p").unwrap();
+    assert_eq!(parts.iter().count(), 3, "headers, the big tensor, the rest");
+    assert_eq!(parts.iter().nth(1).unwrap().as_ptr() as usize, address);
+    assert!(parts.into_bytes() == bytes);
+    // In another store dtype the values are converted.
+    let half = PtTensor::from_f32_vec(vec![3], small.clone(), StoreDtype::BF16);
+    assert_eq!(half, PtTensor::from_f32(vec![3], &small, StoreDtype::BF16));
 }
 
 #[test]
