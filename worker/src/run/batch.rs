@@ -5,8 +5,8 @@
 //! response of the run (its KV cache and one pass's activations on the
 //! device; its trace on the host, twice: the next batch's trace grows while
 //! the previous one is written) and what does not grow with the batch (the
-//! largest artifact, once per encoder: `worker run` and `worker capture`
-//! assemble and encode one at a time, `worker pull` one per job held, its
+//! largest artifact, once per encoder: `worker capture` assembles and
+//! encodes one at a time, `worker run` one per job it holds, its
 //! tensors' buffers becoming the file's parts), and fits as many sequences
 //! as half of the free memory allows on each side, between 1 and
 //! [`AUTO_MAX`].
@@ -87,7 +87,7 @@ pub struct SequenceCost {
 
 impl SequenceCost {
     /// The cost when `encoders` artifacts can be assembled at once (each
-    /// upload task of `worker pull` encodes its job's artifacts in turn).
+    /// upload task of `worker run` encodes its job's artifacts in turn).
     pub fn encoded_at_once(self, encoders: usize) -> Self {
         Self {
             artifact: self.artifact * encoders.max(1) as u64,
