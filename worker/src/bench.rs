@@ -218,8 +218,7 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
             best = best.min(start.elapsed().as_secs_f64());
             let start = Instant::now();
             let (p, r) = (texts(&trace.prompt_ids), texts(&trace.response_ids));
-            // As the worker assembles them: a residual artifact takes its
-            // trace.
+            // As the worker assembles them: the artifact takes its trace.
             let value = match &mode {
                 CaptureMode::Residual => residual_artifact_owned(trace, &p, &r, StoreDtype::F32),
                 CaptureMode::Internals { layers } => {

@@ -10,7 +10,7 @@
 //! group, in order), lingering a moment for jobs that are claimed but not
 //! submitted yet, so a burst of claims forms one group.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc as std_mpsc};
@@ -33,9 +33,8 @@ use crate::run::{
 
 /// The longest a free capture thread waits for claimed jobs that have not
 /// submitted their prompts yet before it starts without them. In unit
-/// tests 10 s: a loaded test machine can take more than a second to claim
-/// and prepare a few jobs (a batching test once saw two batches for three
-/// jobs in CI), and the wait ends as soon as no claimed job is missing.
+/// tests 10 s, a margin for a loaded test machine claiming a few jobs from
+/// a test coordinator; the wait ends as soon as no claimed job is missing.
 const LINGER: Duration = Duration::from_secs(if cfg!(test) { 10 } else { 1 });
 /// How often the lingering thread looks whether those jobs are still expected.
 const LINGER_POLL: Duration = Duration::from_millis(2);
@@ -368,7 +367,7 @@ fn capture_rows(
             // Shapes come from the upload task, which assembles and encodes
             // the artifact; size and sha256 from the upload, which hashes as
             // it sends.
-            let entry = prompt.entry(&artifact, BTreeMap::new(), 0, String::new());
+            let entry = prompt.entry(&artifact);
             let upload = PendingUpload { entry, artifact };
             if !member.send(upload) {
                 sent = false;

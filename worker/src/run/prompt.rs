@@ -147,26 +147,21 @@ pub struct CapturedPrompt {
 }
 
 impl CapturedPrompt {
-    /// The manifest entry of one of this prompt's artifacts, once its file
-    /// (`bytes` long, with this sha256 and these tensor shapes) is written.
-    pub fn entry(
-        &self,
-        artifact: &PromptArtifact,
-        shapes: BTreeMap<String, serde_json::Value>,
-        bytes: u64,
-        sha256: String,
-    ) -> ArtifactEntry {
+    /// The manifest entry of one of this prompt's artifacts, its file's
+    /// size, sha256 and tensor shapes left for the writer or uploader to
+    /// fill in (they are known once the artifact is encoded and sent).
+    pub fn entry(&self, artifact: &PromptArtifact) -> ArtifactEntry {
         ArtifactEntry {
             key: artifact.key.clone(),
             prompt_set: self.set.clone(),
             prompt_id: self.prompt_id.clone(),
             mode: self.mode.into(),
             layer: artifact.layer,
-            bytes,
-            sha256,
+            bytes: 0,
+            sha256: String::new(),
             prompt_tokens: self.prompt_tokens,
             response_tokens: self.response_tokens,
-            shapes,
+            shapes: BTreeMap::new(),
         }
     }
 }

@@ -4,7 +4,6 @@
 //! the next batch. The queue between them is bounded, so at most one batch
 //! of captured prompts waits in memory.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
@@ -67,10 +66,10 @@ fn write_all(
 ) -> Result<Vec<ArtifactEntry>> {
     let mut written = Vec::new();
     for mut captured in prompts {
-        // Taken out of the prompt, so that encoding can take the trace
-        // once its last artifact is encoded.
+        // Taken out of the prompt, so that encoding can take each
+        // artifact's trace.
         for artifact in std::mem::take(&mut captured.artifacts) {
-            let mut entry = captured.entry(&artifact, BTreeMap::new(), 0, String::new());
+            let mut entry = captured.entry(&artifact);
             let encoded = artifact.encode()?;
             let info = write_pt_parts(&out.join(&entry.key), &encoded.parts)?;
             entry.shapes = encoded.shapes;
