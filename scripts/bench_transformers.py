@@ -17,8 +17,9 @@ On a GPU the hooks copy what they capture to the host at every step, as a
 capture tool must (and as `worker bench` does), and the clock stops after
 the device has finished.
 
-Prints seconds per generated token and peak resident memory, as a markdown
-table (and JSON with --json).
+Prints seconds per generated token and peak resident memory (on a GPU also
+each workload's peak of allocated device memory), as a markdown table (and
+JSON with --json).
 """
 
 import argparse
@@ -83,6 +84,9 @@ def main() -> None:
         captured.append(keep(output[0] if isinstance(output, tuple) else output))
 
     def run(kind, batch=1):
+        if device.type == "cuda":
+            # each workload's own peak (the weights included, as in `worker bench`)
+            torch.cuda.reset_peak_memory_stats()
         handles = []
         if kind != "plain":
             handles = [layer.register_forward_hook(hook) for layer in model.model.layers]
@@ -117,19 +121,21 @@ def main() -> None:
         "hooks": "transformers: KV cache + capture hooks",
         "recompute": "transformers: full recompute + hooks (original tool)",
     }
+
+    def measured(name, batch, seconds):
+        # GPU only: the most memory torch allocated during this workload
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        print(f"{name}: {seconds:.3f} s/token" + (f", peak {peak:.1f} GiB allocated" if peak else ""), flush=True)
+        return {"workload": name, "batch": batch, "seconds_per_token": seconds, "peak_device_gib": peak}
+
     run("plain")  # warm-up
     rows = []
     for kind in args.workloads.split(","):
-        seconds = run(kind)
-        rows.append({"workload": names[kind], "batch": 1, "seconds_per_token": seconds})
-        print(f"{names[kind]}: {seconds:.3f} s/token", flush=True)
+        rows.append(measured(names[kind], 1, run(kind)))
     for batch in [int(b) for b in args.batch_sizes.split(",") if b.strip() and int(b) > 1]:
-        seconds = run("hooks", batch)
-        name = f"{names['hooks']}, batch of {batch}"
-        rows.append({"workload": name, "batch": batch, "seconds_per_token": seconds})
-        print(f"{name}: {seconds:.3f} s/token", flush=True)
+        rows.append(measured(f"{names['hooks']}, batch of {batch}", batch, run("hooks", batch)))
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    device_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    device_gib = max(r["peak_device_gib"] for r in rows) if device.type == "cuda" else None
     on = f"{args.device} {args.dtype}" + (f" (peak {device_gib:.1f} GiB allocated)" if device_gib else "")
     print(f"\ntorch {torch.__version__}, {on}, {args.threads} threads, {args.prompt_tokens}-token prompt, "
           f"{args.new_tokens} new tokens, peak RSS {peak_gib:.1f} GiB\n")

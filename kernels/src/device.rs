@@ -50,11 +50,13 @@ pub fn prepare(device: &CudaDevice) -> candle_core::Result<()> {
 }
 
 /// The device pool's memory: what it holds from the system (`reserved`),
-/// what live buffers use of it (`used`), and its release threshold.
+/// what live buffers use of it (`used`), the most they used since the
+/// peak was last reset ([`reset_pool_peak`]), and its release threshold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolMemory {
     pub reserved: u64,
     pub used: u64,
+    pub used_high: u64,
     pub release_threshold: u64,
 }
 
@@ -63,6 +65,13 @@ impl PoolMemory {
     /// allocations of this process, though the driver counts it as taken.
     pub fn idle(&self) -> u64 {
         self.reserved.saturating_sub(self.used)
+    }
+
+    /// The most memory buffers used at once since the peak was last reset:
+    /// the driver's high watermark, which a reset sets to 0 until the next
+    /// allocation, so never less than what is in use now.
+    pub fn peak(&self) -> u64 {
+        self.used_high.max(self.used)
     }
 }
 
@@ -85,8 +94,34 @@ pub fn pool_memory(device: &CudaDevice) -> candle_core::Result<Option<PoolMemory
     Ok(Some(PoolMemory {
         reserved: read(PoolAttribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?,
         used: read(PoolAttribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
+        used_high: read(PoolAttribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
         release_threshold: read(PoolAttribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD)?,
     }))
+}
+
+/// Starts a new peak for [`PoolMemory::peak`]: the pool's high watermark
+/// of used memory goes back to 0 (the only value the driver lets it be set
+/// to) and follows the allocations from here. Buffers that candle does not
+/// take from the pool (cuBLAS's workspace) are not counted. Returns whether
+/// the device has a pool.
+pub fn reset_pool_peak(device: &CudaDevice) -> candle_core::Result<bool> {
+    let Some(pool) = current_pool(device.cuda_stream().context())? else {
+        return Ok(false);
+    };
+    // Pending frees land before the watermark is cleared.
+    device.cuda_stream().synchronize().w()?;
+    let mut zero = 0u64;
+    // SAFETY: a pool of this device; the high watermark is a `cuuint64_t`,
+    // and 0 is the value it may be set to.
+    unsafe {
+        result::mem_pool::set_attribute(
+            pool,
+            PoolAttribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            (&mut zero as *mut u64).cast(),
+        )
+    }
+    .w()?;
+    Ok(true)
 }
 
 /// The pool `cuMemAllocAsync` draws from on this context's device, if the

@@ -68,6 +68,9 @@ pub struct BenchRow {
     pub overhead_vs_plain: f64,
     /// Peak resident memory of the process during this workload.
     pub peak_memory_bytes: Option<u64>,
+    /// On a GPU, the most device memory the workload's buffers (the
+    /// weights included) used at once, from the device's memory pool.
+    pub peak_device_bytes: Option<u64>,
 }
 
 /// The transformers reference's results, from its JSON.
@@ -89,6 +92,10 @@ pub struct TransformersRow {
     #[serde(default = "one")]
     pub batch: usize,
     pub seconds_per_token: f64,
+    /// Peak GPU memory torch allocated during this workload (GPU runs
+    /// only).
+    #[serde(default)]
+    pub peak_device_gib: Option<f64>,
 }
 
 fn one() -> usize {
@@ -176,7 +183,7 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
     log("warm-up");
     let response = generate(&model, &prompt, plan, &mut || {})?;
 
-    reset_peak_memory();
+    reset_peaks(&device)?;
     let plain = best_of(options.repeats, || {
         generate(&model, &prompt, plan, &mut || {})?;
         Ok(())
@@ -193,6 +200,7 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
         encode_seconds: 0.0,
         overhead_vs_plain: 0.0,
         peak_memory_bytes: peak_resident_memory(),
+        peak_device_bytes: device_peak(&device),
     }];
     let modes = [
         (
@@ -209,7 +217,7 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
     let mut residual_encode = 0.0;
     for (name, mode) in modes {
         let request = mode.request(cfg.num_hidden_layers);
-        reset_peak_memory();
+        reset_peaks(&device)?;
         let mut best = f64::INFINITY;
         let mut encode = f64::INFINITY;
         for _ in 0..options.repeats {
@@ -240,12 +248,13 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
             encode_seconds: encode,
             overhead_vs_plain: best / plain - 1.0,
             peak_memory_bytes: peak_resident_memory(),
+            peak_device_bytes: device_peak(&device),
         });
     }
     // Teacher forcing on the response just generated: the same passes and
     // records, without the LM head.
     let request = CaptureMode::Residual.request(cfg.num_hidden_layers);
-    reset_peak_memory();
+    reset_peaks(&device)?;
     let best = best_of(options.repeats, || {
         let replay = ResponsePlan::Replay(&response);
         let trace = capture_prompt(&model, &prompt, &request, replay, &mut || {})?;
@@ -263,6 +272,7 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
         encode_seconds: residual_encode,
         overhead_vs_plain: best / plain - 1.0,
         peak_memory_bytes: peak_resident_memory(),
+        peak_device_bytes: device_peak(&device),
     });
     // Batches of distinct prompts of the same length.
     for &batch in options.batch_sizes.iter().filter(|&&b| b > 1) {
@@ -296,7 +306,7 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
             })
             .collect();
         // The same batch without capture: what capture adds at this batch.
-        reset_peak_memory();
+        reset_peaks(&device)?;
         let plain_batch = best_of(options.repeats, || {
             capture_batch(&model, &items, &CaptureRequest::default(), &mut |_| {})?;
             Ok(())
@@ -313,8 +323,9 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
             encode_seconds: 0.0,
             overhead_vs_plain: 0.0,
             peak_memory_bytes: peak_resident_memory(),
+            peak_device_bytes: device_peak(&device),
         });
-        reset_peak_memory();
+        reset_peaks(&device)?;
         let mut best = f64::INFINITY;
         let mut encode = f64::INFINITY;
         let mut assembly_share = 0.0;
@@ -351,6 +362,7 @@ pub fn run_bench(options: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Be
             encode_seconds: encode,
             overhead_vs_plain: seconds_per_token / plain_per_token - 1.0,
             peak_memory_bytes: peak_resident_memory(),
+            peak_device_bytes: device_peak(&device),
         });
         // One more batch, timed phase by phase (not in the table: waiting
         // for the device between phases slows it down).
@@ -440,9 +452,31 @@ fn best_of(repeats: usize, mut run: impl FnMut() -> Result<()>) -> Result<f64> {
 }
 
 /// Starts a new peak for [`peak_resident_memory`] (Linux: writing 5 to
-/// `/proc/self/clear_refs` resets `VmHWM` to the current resident size).
-fn reset_peak_memory() {
+/// `/proc/self/clear_refs` resets `VmHWM` to the current resident size)
+/// and, on a GPU, for [`device_peak`].
+fn reset_peaks(device: &Device) -> Result<()> {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        capture_kernels::device::reset_pool_peak(cuda)?;
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+    Ok(())
+}
+
+/// The most device memory in use at once since [`reset_peaks`], on a GPU
+/// whose allocations come from its memory pool (candle's do: every tensor,
+/// the weights included; cuBLAS's workspace does not); `None` on the CPU.
+fn device_peak(device: &Device) -> Option<u64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => capture_kernels::device::pool_memory(cuda)
+            .ok()
+            .flatten()
+            .map(|pool| pool.peak()),
+        _ => None,
+    }
 }
 
 /// What the transformers reference runs: our device kind, dtype and shapes.
@@ -546,7 +580,14 @@ impl BenchReport {
                 row.workload,
                 row.batch,
                 seconds(row.seconds_per_token),
-                gib(row.peak_memory_bytes),
+                match row.peak_device_bytes {
+                    Some(device) => format!(
+                        "{} host, {} device",
+                        gib(row.peak_memory_bytes),
+                        gib(Some(device))
+                    ),
+                    None => gib(row.peak_memory_bytes),
+                },
                 row.overhead_vs_plain * 100.0,
                 row.encode_seconds,
                 versus(row.batch, row.seconds_per_token),
@@ -554,14 +595,20 @@ impl BenchReport {
         }
         if let Some(t) = &self.transformers {
             let tokens = (self.prompt_tokens + self.new_tokens) as f64;
-            let memory = match t.peak_device_gib {
-                Some(device) => format!(
-                    "{:.1} GiB host, {device:.1} GiB device (whole script)",
-                    t.peak_rss_gib
-                ),
-                None => format!("{:.1} GiB (whole script)", t.peak_rss_gib),
-            };
             for row in &t.rows {
+                // The host's peak is the whole script's; the device's is the
+                // workload's where the script reports it.
+                let memory = match (row.peak_device_gib, t.peak_device_gib) {
+                    (Some(device), _) => format!(
+                        "{:.1} GiB host (whole script), {device:.1} GiB device",
+                        t.peak_rss_gib
+                    ),
+                    (None, Some(device)) => format!(
+                        "{:.1} GiB host, {device:.1} GiB device (whole script)",
+                        t.peak_rss_gib
+                    ),
+                    (None, None) => format!("{:.1} GiB (whole script)", t.peak_rss_gib),
+                };
                 // Tokens per second of a batch: batch x tokens over the
                 // batch's time (seconds per token x generated tokens).
                 let rate = if row.workload.contains("hooks") {
@@ -628,6 +675,7 @@ mod tests {
             encode_seconds: 0.01,
             overhead_vs_plain: 0.0,
             peak_memory_bytes: Some(3 << 30),
+            peak_device_bytes: None,
         };
         let mut report = BenchReport {
             device: "cpu".into(),
@@ -651,16 +699,19 @@ mod tests {
                         workload: "transformers: KV cache + capture hooks".into(),
                         batch: 1,
                         seconds_per_token: 2.5,
+                        peak_device_gib: None,
                     },
                     TransformersRow {
                         workload: "transformers: full recompute + hooks (original tool)".into(),
                         batch: 1,
                         seconds_per_token: 7.5,
+                        peak_device_gib: None,
                     },
                     TransformersRow {
                         workload: "transformers: KV cache + capture hooks, batch of 4".into(),
                         batch: 4,
                         seconds_per_token: 0.5,
+                        peak_device_gib: None,
                     },
                 ],
                 peak_rss_gib: 13.1,
@@ -688,6 +739,32 @@ mod tests {
         );
         assert!(
             table.contains("hooks, batch of 4 | 4 | 0.500 | 5.0 |"),
+            "{table}"
+        );
+        // On a GPU: each row's device peak beside the host's; the
+        // reference's per workload when it reports them, else its whole
+        // script's.
+        report.rows[1].peak_device_bytes = Some(6 << 29);
+        let reference = report.transformers.as_mut().expect("set above");
+        reference.peak_device_gib = Some(13.1);
+        reference.rows[0].peak_device_gib = Some(6.3);
+        let table = report.to_markdown();
+        assert!(
+            table.contains("| 1.250 | 50.0 | 3.0 GiB host, 3.0 GiB device | +0.0% |"),
+            "{table}"
+        );
+        assert!(
+            table.contains(
+                "| capture: plain generation (KV cache) | 1 | 1.000 | — | 3.0 GiB | +0.0% |"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains("| 2.500 | 1.0 | 13.1 GiB host (whole script), 6.3 GiB device | — |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| 7.500 | 0.3 | 13.1 GiB host, 13.1 GiB device (whole script) | — |"),
             "{table}"
         );
         report.transformers = None;

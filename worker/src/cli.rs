@@ -38,17 +38,18 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// What `worker run --help` explains.
+/// What `worker bench --help` explains.
 const BENCH_LONG_ABOUT: &str = "Time plain generation and capture on random weights at real dimensions.\n\n\
     Builds random weights at gemma-2-2b's dimensions (or --config's) on --device and times, best of \
     --repeats: plain greedy generation with the KV cache, residual capture of every layer, internals \
     capture of --layer, residual capture teacher-forced on the response just generated, and for each \
     of --batch-sizes a plain batch and a residual-capture batch (with one more batch timed phase by \
     phase: forward, to host, record, choose). It prints seconds per generated token, captured tokens \
-    per second, peak resident memory, capture's overhead over plain generation, the artifact's \
-    assembly and encoding time, and first the cost of one small operation on the device (a chain of \
-    2,000 on one row: on a GPU, what a kernel launch costs the host). With --compare-transformers the \
-    transformers reference runs the same shapes, prompt and tokens, and the table gets the ratios.\n\n\
+    per second, peak resident memory (on a GPU also peak device memory, from its memory pool), \
+    capture's overhead over plain generation, the artifact's assembly and encoding time, and first \
+    the cost of one small operation on the device (a chain of 2,000 on one row: on a GPU, what a \
+    kernel launch costs the host). With --compare-transformers the transformers reference runs the \
+    same shapes, prompt and tokens, and the table gets the ratios.\n\n\
     To compare implementations in one sitting: CAPTURE_UNFUSED=1 uses candle's separate operations \
     instead of the worker's fused ones; on a GPU, CAPTURE_CUDA_DEFAULTS=1 keeps the driver's memory \
     pool release threshold and cudarc's per-allocation events. Results and the exact commands are \

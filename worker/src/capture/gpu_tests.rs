@@ -182,13 +182,7 @@ fn cuda_freed_memory_stays_in_the_pool_and_counts_as_free() {
     let Device::Cuda(device) = &gpu else {
         unreachable!()
     };
-    let pool = |what: &str| {
-        let pool = capture_kernels::device::pool_memory(device)
-            .unwrap()
-            .expect("the H100/H200's stream-ordered allocator");
-        eprintln!("cuda pool {what}: {pool:?}");
-        pool
-    };
+    let pool = |what: &str| pool_now(device, what);
     assert_eq!(pool("at start").release_threshold, u64::MAX);
     let size = 256 << 20;
     let before = free_device_memory(&gpu).unwrap();
@@ -203,6 +197,42 @@ fn cuda_freed_memory_stays_in_the_pool_and_counts_as_free() {
     let free = free_device_memory(&gpu).unwrap();
     // Other processes may allocate meanwhile: allow 64 MiB either way.
     assert!(free.abs_diff(before) < 64 << 20, "{before} -> {free}");
+}
+
+#[test]
+fn cuda_pool_peak_is_the_most_in_use_since_its_reset() {
+    use candle_core::Tensor;
+    let gpu = cuda();
+    let Device::Cuda(device) = &gpu else {
+        unreachable!()
+    };
+    let pool = |what: &str| pool_now(device, what);
+    let size = 256 << 20;
+    let kept = Tensor::zeros(size / 4, DType::F32, &gpu).unwrap();
+    let freed = Tensor::zeros(size / 4, DType::F32, &gpu).unwrap();
+    gpu.synchronize().unwrap();
+    let both = pool("with two buffers").used;
+    drop(freed);
+    gpu.synchronize().unwrap();
+    assert!(pool("after freeing one").peak() >= both);
+    assert!(capture_kernels::device::reset_pool_peak(device).unwrap());
+    let reset = pool("after the reset");
+    // Back to what is in use: the kept buffer, not the freed one.
+    assert!(reset.peak() >= size as u64, "{reset:?}");
+    assert!(reset.peak() < both, "{reset:?} after {both} in use");
+    let half = Tensor::zeros(size / 8, DType::F32, &gpu).unwrap();
+    gpu.synchronize().unwrap();
+    assert!(pool("with a new buffer").peak() >= reset.used + size as u64 / 2);
+    drop((kept, half));
+}
+
+/// The device's pool memory now, logged as `what`.
+fn pool_now(device: &candle_core::CudaDevice, what: &str) -> capture_kernels::device::PoolMemory {
+    let pool = capture_kernels::device::pool_memory(device)
+        .unwrap()
+        .expect("the H100/H200's stream-ordered allocator");
+    eprintln!("cuda pool {what}: {pool:?}, peak {}", pool.peak());
+    pool
 }
 
 /// A tensor's elements on the host, as f32.
