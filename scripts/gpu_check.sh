@@ -22,10 +22,11 @@
 # 5. the same with CAPTURE_CUDA_DEFAULTS=1 (the driver's memory pool
 #    releasing freed memory at every synchronisation, cudarc's events on
 #    every allocation; see capture_kernels::device), batches of 1 and 16;
-# 6. batch 1 after a 2,000-token prompt, default and CAPTURE_UNFUSED=1: the
-#    decode attention kernel reads a long context with one block per query
-#    row (8 of the GPU's multiprocessors at batch 1), where the matmuls
-#    spread it over the card.
+# 6. batch 1 after a 2,000-token prompt: the default (the decode attention
+#    split over the keys in parts of 64, past 256 keys), one block per
+#    query row (CAPTURE_DECODE_SPLIT_FROM=1000000: 8 of the GPU's
+#    multiprocessors read the context at batch 1), and CAPTURE_UNFUSED=1
+#    (candle's matmuls spread it over the card).
 #
 # Every step runs even when an earlier one fails; the summary at the end
 # gives each step's exit status. All output goes to OUT_DIR/all.log, the bench results to bench.json.
@@ -75,9 +76,11 @@ step bench-cuda-defaults 120 env CAPTURE_CUDA_DEFAULTS=1 /tmp/gpu-bin/worker ben
 
 long=(--new-tokens 20 --prompt-tokens 2000 --batch-sizes 1 --repeats 2)
 step bench-long 90 /tmp/gpu-bin/worker bench --device cuda "${long[@]}" --json "$out/bench-long.json"
+step bench-long-one-block 90 env CAPTURE_DECODE_SPLIT_FROM=1000000 /tmp/gpu-bin/worker bench \
+    --device cuda "${long[@]}" --json "$out/bench-long-one-block.json"
 step bench-long-unfused 90 env CAPTURE_UNFUSED=1 /tmp/gpu-bin/worker bench --device cuda \
     "${long[@]}" --json "$out/bench-long-unfused.json"
 echo "=== summary"
-for name in tests capture-cpu capture-cuda-bf16 capture-cuda-f32 compare-f32 compare-bf16 bench bench-unfused bench-cuda-defaults bench-long bench-long-unfused; do
+for name in tests capture-cpu capture-cuda-bf16 capture-cuda-f32 compare-f32 compare-bf16 bench bench-unfused bench-cuda-defaults bench-long bench-long-one-block bench-long-unfused; do
     echo "$name: exit ${status[$name]:-not run}"
 done | tee "$out/summary.txt"

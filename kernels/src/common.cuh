@@ -92,9 +92,9 @@ __device__ __forceinline__ float block_reduce(float v, Op op, float identity) {
 }
 
 // A CUDA block as the reductions' bodies see it (`decode_attention.cu`): its
-// threads, a barrier, and a reduction over them. Bodies written against
-// this also run on the host, where `kernels/tests/host_emulation.cu` gives
-// them a block of std::threads.
+// threads, a barrier, a reduction over them, and a sum over a warp. Bodies
+// written against this also run on the host, where
+// `kernels/tests/host_emulation.cu` gives them a block of std::threads.
 struct DeviceBlock {
     __device__ __forceinline__ int thread() const { return threadIdx.x; }
     __device__ __forceinline__ int size() const { return blockDim.x; }
@@ -102,6 +102,15 @@ struct DeviceBlock {
     template <typename Op>
     __device__ __forceinline__ float reduce(float v, Op op, float identity) const {
         return block_reduce(v, op, identity);
+    }
+    // The sum of `v` over this thread's warp, to each of its lanes (the same
+    // bits on every lane: each step adds the same two values). Every lane
+    // of the warp calls it.
+    __device__ __forceinline__ float warp_sum(float v) const {
+        for (int offset = 16; offset > 0; offset >>= 1) {
+            v += __shfl_xor_sync(0xffffffff, v, offset);
+        }
+        return v;
     }
 };
 

@@ -11,7 +11,8 @@
 //!   of attention scores (`attention_softmax.cu`);
 //! - [`decode_attention`]: a decode step's whole attention over the KV
 //!   cache: the query-key products, the softmax above and the product with
-//!   the values (`decode_attention.cu`);
+//!   the values, one block per query row, or for long contexts split over
+//!   the keys in three kernels (`decode_attention.cu`);
 //! - [`rotary_queries`], [`rotary_keys_values`]: the rotary embedding read
 //!   straight from the stacked q/k/v projection, the keys (with the values)
 //!   written into the KV cache in place (`rotary.cu`);
@@ -57,8 +58,22 @@ impl QkvHeads {
     }
 }
 
-/// Threads per block of the decode attention kernel.
+/// Threads per block of the decode attention kernel (one block per query
+/// row).
 pub const DECODE_ATTENTION_BLOCK: usize = 512;
+
+/// Threads per block of the split decode attention's kernels.
+pub const DECODE_SPLIT_BLOCK: usize = 256;
+
+/// Keys per part of a split decode attention.
+pub const DECODE_SPLIT_CHUNK: usize = 64;
+
+/// Keys past which the decode attention is split over the keys unless told
+/// otherwise: with one block per query row, a row's keys and values (256
+/// KiB per 256 keys of gemma-2-2b's bf16 heads) are read by one
+/// multiprocessor, and at batch 1 that is 8 of the GPU's; split, every
+/// part of 64 keys is a block of its own, for two more launches.
+pub const DECODE_SPLIT_FROM: usize = 256;
 
 /// Dynamic shared memory a block of the decode attention kernel may use:
 /// the 48 KiB every CUDA device gives a block without opting in to more,
@@ -67,16 +82,34 @@ pub const DECODE_ATTENTION_BLOCK: usize = 512;
 const SHARED_BYTES: usize = 48 * 1024 - 256;
 
 /// The decode attention kernel's shared memory per block, for `ctx` keys of
-/// `d` elements: the row's scores, its query and the value sums' parts, in
-/// f32.
+/// `d` elements, one block per query row: the row's scores, its query and
+/// the value sums' parts, in f32.
 pub fn decode_attention_shared_bytes(ctx: usize, d: usize) -> usize {
     (ctx + d + DECODE_ATTENTION_BLOCK.max(d)) * 4
 }
 
-/// Whether the decode attention kernel takes `ctx` keys of `d` elements
-/// (gemma-2-2b: up to 11,456 keys; its context is 8,192).
-pub fn decode_attention_fits(ctx: usize, d: usize) -> bool {
-    decode_attention_shared_bytes(ctx, d) <= SHARED_BYTES
+/// The split decode attention's shared memory per block (its values
+/// kernel: a part's probabilities and the value sums' parts; the scores
+/// kernel keeps the query, `d` floats).
+pub fn decode_split_shared_bytes(d: usize) -> usize {
+    (DECODE_SPLIT_CHUNK + DECODE_SPLIT_BLOCK.max(d)) * 4
+}
+
+/// How many parts a decode attention over `ctx` keys is split into, or
+/// `None` for one block per query row: split past `split_from` keys (the
+/// worker's default is [`DECODE_SPLIT_FROM`]).
+pub fn decode_attention_parts(ctx: usize, split_from: usize) -> Option<usize> {
+    (ctx > split_from).then(|| ctx.div_ceil(DECODE_SPLIT_CHUNK))
+}
+
+/// Whether the decode attention takes `ctx` keys of `d` elements, split
+/// past `split_from` keys (one block per row holds up to 11,456 of
+/// gemma-2-2b's keys in shared memory; split, any number).
+pub fn decode_attention_fits(ctx: usize, d: usize, split_from: usize) -> bool {
+    match decode_attention_parts(ctx, split_from) {
+        Some(_) => decode_split_shared_bytes(d) <= SHARED_BYTES,
+        None => decode_attention_shared_bytes(ctx, d) <= SHARED_BYTES,
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -84,3 +117,30 @@ pub use launch::{
     argmax_rows, attention_softmax, decode_attention, gather, gelu_mul, logit_softcap, rms_norm,
     rms_norm_add_norm, rotary_keys_values, rotary_queries,
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_contexts_split_into_parts_of_a_chunk() {
+        assert_eq!(decode_attention_parts(256, DECODE_SPLIT_FROM), None);
+        assert_eq!(decode_attention_parts(257, DECODE_SPLIT_FROM), Some(5));
+        assert_eq!(decode_attention_parts(600, DECODE_SPLIT_FROM), Some(10));
+        assert_eq!(decode_attention_parts(8192, DECODE_SPLIT_FROM), Some(128));
+        assert_eq!(decode_attention_parts(8192, usize::MAX), None);
+        assert_eq!(decode_attention_parts(1, 0), Some(1));
+    }
+
+    #[test]
+    fn one_block_per_row_holds_its_scores_and_a_split_any_number() {
+        // gemma-2-2b's heads: 11,456 keys in one block's 48 KiB.
+        assert!(decode_attention_fits(11_456, 256, usize::MAX));
+        assert!(!decode_attention_fits(11_457, 256, usize::MAX));
+        assert!(decode_attention_fits(11_457, 256, DECODE_SPLIT_FROM));
+        assert!(decode_attention_fits(1 << 20, 256, DECODE_SPLIT_FROM));
+        assert!(decode_attention_fits(100, 256, DECODE_SPLIT_FROM));
+        // A head too wide for a split part's shared memory.
+        assert!(!decode_attention_fits(1000, 20_000, 0));
+    }
+}

@@ -181,10 +181,27 @@ struct HostBlock {
         }
         return r;
     }
+    // The sum over this thread's warp of 32 (in lane order, where the GPU's
+    // goes by halves); every thread of the block calls it together.
+    float warp_sum(float v) const {
+        sync();
+        (*slots)[id] = v;
+        sync();
+        float r = 0.0f;
+        for (int lane = id / 32 * 32; lane < id / 32 * 32 + 32; lane++) {
+            r += (*slots)[lane];
+        }
+        return r;
+    }
 };
 
-// Runs `body(block)` for one block of `threads` std::threads.
+// Runs `body(block)` for one block of `threads` std::threads (whole warps,
+// as every launch has).
 template <typename Body> static void run_block(int threads, Body body) {
+    if (threads % 32 != 0) {
+        std::printf("a block of %d threads is not whole warps\n", threads);
+        std::exit(2);
+    }
     std::vector<float> slots(threads);
     std::barrier<> barrier(threads);
     std::vector<std::thread> block;
@@ -200,12 +217,14 @@ template <typename Body> static void run_block(int threads, Body body) {
 // columns (the first `ctx` read), keys and values in one buffer `[2, b,
 // kv_heads, capacity, d]` as the worker's cache holds them, with a window
 // mask (and sequence 1's first key padding) when `masked`; each row run as
-// a block of `threads`. The reference rounds where the kernel does, in
-// double arithmetic otherwise.
+// a block of `threads`, or with `chunk` > 0 split over the keys in parts
+// of `chunk` (the scores, values and combining kernels, one after the
+// other, each block as `threads`). The reference rounds where the kernel
+// does, in double arithmetic otherwise.
 template <typename T>
 static void decode_attention_case(const char *name, int b, int heads, int kv_heads, int t,
                                   int ctx, int capacity, int d, bool masked, bool batched,
-                                  float cap, int threads, float tolerance) {
+                                  float cap, int threads, float tolerance, int chunk = 0) {
     const int total = heads + 2 * kv_heads;
     const std::vector<T> qkv = values<T>((size_t)b * t * total * d, 5);
     const std::vector<T> table = values<T>((size_t)(batched ? b : 1) * t * d, 8);
@@ -240,12 +259,42 @@ static void decode_attention_case(const char *name, int b, int heads, int kv_hea
     const T *v = buffer.data() + (size_t)b * kv_heads * capacity * d;
     std::vector<T> out((size_t)b * t * heads * d, nan_value<T>());
     const int rows = b * heads * t;
-    for (int row = 0; row < rows; row++) {
-        std::vector<float> shared(ctx + d + std::max(threads, d), NAN);
-        run_block(threads, [&](HostBlock h) {
-            decode_attention_row(h, shared.data(), qkv.data(), table.data(), k, v,
-                                 masked ? mask.data() : nullptr, out.data(), s, row);
-        });
+    const float *mask_data = masked ? mask.data() : nullptr;
+    if (chunk == 0) {
+        for (int row = 0; row < rows; row++) {
+            std::vector<float> shared(ctx + d + std::max(threads, d), NAN);
+            run_block(threads, [&](HostBlock h) {
+                decode_attention_row(h, shared.data(), qkv.data(), table.data(), k, v,
+                                     mask_data, out.data(), s, row);
+            });
+        }
+    } else {
+        const int splits = (ctx + chunk - 1) / chunk;
+        std::vector<float> scores((size_t)rows * ctx, NAN);
+        std::vector<float> stats((size_t)rows * splits * 2, NAN);
+        std::vector<float> partials((size_t)rows * splits * d, NAN);
+        for (int index = 0; index < rows * splits; index++) {
+            std::vector<float> shared(d, NAN);
+            run_block(threads, [&](HostBlock h) {
+                decode_scores_part(h, shared.data(), qkv.data(), table.data(), k, mask_data,
+                                   scores.data(), stats.data(), s, chunk, splits, index);
+            });
+        }
+        for (size_t i = 0; i < scores.size(); i++) {
+            check(!std::isnan(scores[i]), name, (int)i, scores[i], 0.0f);
+        }
+        for (int index = 0; index < rows * splits; index++) {
+            std::vector<float> shared(chunk + std::max(threads, d), NAN);
+            run_block(threads, [&](HostBlock h) {
+                decode_values_part(h, shared.data(), v, scores.data(), stats.data(),
+                                   partials.data(), s, chunk, splits, index);
+            });
+        }
+        for (int row = 0; row < rows; row++) {
+            run_block(threads, [&](HostBlock h) {
+                decode_combine_row(h, partials.data(), out.data(), s, splits, row);
+            });
+        }
     }
     const int groups = heads / kv_heads;
     for (int bi = 0; bi < b; bi++)
@@ -366,6 +415,17 @@ int main() {
                                          12, 256, true, true, 50.0f, 64, 1.0f / 64);
     decode_attention_case<__half>("decode attention f16, no cap, wide block", 1, 2, 1, 1, 3,
                                   3, 16, false, false, 0.0f, 96, 1.0f / 512);
+    // Split over the keys: gemma-2-2b's heads over 600 keys in parts of 64
+    // (the last of 24); a windowed batch whose first parts are all masked;
+    // uneven parts in bf16; f16 without a cap, more threads than d.
+    decode_attention_case<float>("split decode attention f32, gemma-2-2b step", 1, 8, 4, 1, 600,
+                                 610, 256, false, false, 50.0f, 256, 4e-5f, 64);
+    decode_attention_case<float>("split decode attention f32, masked parts", 2, 4, 2, 3, 40, 48,
+                                 8, true, true, 50.0f, 64, 4e-5f, 8);
+    decode_attention_case<__nv_bfloat16>("split decode attention bf16, uneven parts", 2, 8, 4,
+                                         2, 30, 32, 256, true, true, 50.0f, 64, 1.0f / 64, 7);
+    decode_attention_case<__half>("split decode attention f16, no cap", 1, 2, 1, 1, 50, 50, 16,
+                                  false, false, 0.0f, 96, 1.0f / 512, 16);
     std::vector<float> wide(256000, 0.25f);
     wide[255998] = wide[255999] = 9.0f;
     std::vector<float> one_nan(256000, 0.25f);

@@ -9,7 +9,9 @@ use half::{bf16, f16};
 
 use super::{DECODE_ATTENTION, view};
 use crate::{
-    DECODE_ATTENTION_BLOCK, QkvHeads, decode_attention_fits, decode_attention_shared_bytes,
+    DECODE_ATTENTION_BLOCK, DECODE_SPLIT_BLOCK, DECODE_SPLIT_CHUNK, QkvHeads,
+    decode_attention_fits, decode_attention_parts, decode_attention_shared_bytes,
+    decode_split_shared_bytes,
 };
 
 const WHAT: &str = "decode-attention";
@@ -48,8 +50,9 @@ unsafe impl DeviceRepr for AttentionShape {}
 /// given, plus the f32 `mask` (`[b, 1, t, ctx]`) when given, their softmax
 /// in f32 rounded to T, and its product with the values; a new storage `[b,
 /// t, heads * d]` (the heads side by side, as the output projection reads
-/// them). f32, bf16 or f16; `ctx` and `d` must fit the kernel's shared
-/// memory ([`crate::decode_attention_fits`]).
+/// them). f32, bf16 or f16. Contexts past `split_from` keys are split over
+/// the keys ([`crate::decode_attention_parts`]); `ctx` and `d` must fit the
+/// kernels' shared memory ([`crate::decode_attention_fits`]).
 pub fn decode_attention(
     qkv: (&CudaStorage, &Layout),
     table: (&CudaStorage, &Layout),
@@ -57,6 +60,7 @@ pub fn decode_attention(
     mask: Option<(&CudaStorage, &Layout)>,
     heads: QkvHeads,
     (scale, cap): (f64, Option<f64>),
+    split_from: usize,
 ) -> candle_core::Result<CudaStorage> {
     let &[b, t, total, d] = qkv.1.dims() else {
         candle_core::bail!("{WHAT}: qkv {:?}, not [b, t, heads, d]", qkv.1.dims());
@@ -101,10 +105,13 @@ pub fn decode_attention(
             m.1.dims()
         );
     }
-    if !decode_attention_fits(ctx, d) {
+    if !decode_attention_fits(ctx, d, split_from) {
+        let bytes = match decode_attention_parts(ctx, split_from) {
+            Some(_) => decode_split_shared_bytes(d),
+            None => decode_attention_shared_bytes(ctx, d),
+        };
         candle_core::bail!(
-            "{WHAT}: {ctx} keys of {d} need {} bytes of shared memory, more than a block has",
-            decode_attention_shared_bytes(ctx, d)
+            "{WHAT}: {ctx} keys of {d} need {bytes} bytes of shared memory, more than a block has"
         );
     }
     let args = Args {
@@ -114,6 +121,7 @@ pub fn decode_attention(
         heads,
         scale,
         cap,
+        parts: decode_attention_parts(ctx, split_from),
     };
     match qkv.0.dtype() {
         DType::F32 => args.launch::<f32>("f32", qkv, k, v),
@@ -130,6 +138,8 @@ struct Args<'a> {
     heads: QkvHeads,
     scale: f64,
     cap: Option<f64>,
+    /// Split over the keys into this many parts, or one block per row.
+    parts: Option<usize>,
 }
 
 /// The part of `storage` from `layout`'s start, and the (batch, head,
@@ -175,32 +185,53 @@ impl Args<'_> {
         let (keys, ks) = strided::<T>(k)?;
         let (values, vs) = strided::<T>(v)?;
         let mask = self.mask.map(|m| view::<f32>(m, WHAT)).transpose()?;
-        let elements = b * t * heads * d;
-        // SAFETY: the kernel below writes every element (one block per
-        // query row, each writing its head's `d` elements).
-        let out = unsafe { dev.alloc::<T>(elements)? };
-        if elements > 0 && ctx > 0 {
-            let shape = AttentionShape {
-                k_batch: ks[0],
-                k_head: ks[1],
-                k_column: ks[2],
-                v_batch: vs[0],
-                v_head: vs[1],
-                v_column: vs[2],
-                heads: heads as i32,
-                kv_heads: kv_heads as i32,
-                t: t as i32,
-                ctx: ctx as i32,
-                d: d as i32,
-                table_batched: i32::from(self.batched),
-                // The scale as candle's affine applies it: in the dtype.
-                scale: T::from_f64(self.scale).to_f64() as f32,
-                cap: self.cap.map_or(0.0, |c| c as f32),
-            };
-            let name = format!("capture_decode_attention_{suffix}");
-            let func =
-                dev.get_or_load_custom_func(&name, DECODE_ATTENTION.0, DECODE_ATTENTION.1)?;
-            let null = 0u64;
+        let rows = b * t * heads;
+        // SAFETY: the kernels below write every element (each query row's
+        // `d` elements, by one block).
+        let out = unsafe { dev.alloc::<T>(rows * d)? };
+        if rows == 0 || ctx == 0 {
+            return Ok(CudaStorage::wrap_cuda_slice(out, dev));
+        }
+        let shape = AttentionShape {
+            k_batch: ks[0],
+            k_head: ks[1],
+            k_column: ks[2],
+            v_batch: vs[0],
+            v_head: vs[1],
+            v_column: vs[2],
+            heads: heads as i32,
+            kv_heads: kv_heads as i32,
+            t: t as i32,
+            ctx: ctx as i32,
+            d: d as i32,
+            table_batched: i32::from(self.batched),
+            // The scale as candle's affine applies it: in the dtype.
+            scale: T::from_f64(self.scale).to_f64() as f32,
+            cap: self.cap.map_or(0.0, |c| c as f32),
+        };
+        let func = |kernel: &str| {
+            dev.get_or_load_custom_func(
+                &format!("capture_decode_{kernel}_{suffix}"),
+                DECODE_ATTENTION.0,
+                DECODE_ATTENTION.1,
+            )
+        };
+        let null = 0u64;
+        // The arguments' safety, for every launch below: they are the
+        // kernel's, in its order and types (a null mask pointer is "no
+        // mask"); `stacked` holds the `[b, t, heads + 2 kv_heads, d]`
+        // elements (d even), `table` `[t, d]` or, batched, `[b, t, d]`,
+        // `out` `[b, t, heads, d]`, the mask `[b, 1, t, ctx]` (all checked
+        // by `decode_attention`), and every key and value element the
+        // strides reach for `[b, kv_heads, ctx, d]` lies in its view
+        // (`strided`); `heads` is a multiple of `kv_heads`. A block reads
+        // its query head row, its table row, its batch item's and key/value
+        // head's keys, values and mask row, and writes its own output row or
+        // part; the dynamic shared memory is what its body uses, within a
+        // block's 48 KiB (`decode_attention_fits`, checked by
+        // `decode_attention`).
+        let Some(parts) = self.parts else {
+            let func = func("attention")?;
             let mut builder = func.builder();
             builder.arg(&stacked);
             builder.arg(&table);
@@ -213,24 +244,76 @@ impl Args<'_> {
             builder.arg(&out);
             builder.arg(&shape);
             let config = LaunchConfig {
-                grid_dim: ((b * heads * t) as u32, 1, 1),
+                grid_dim: (rows as u32, 1, 1),
                 block_dim: (DECODE_ATTENTION_BLOCK as u32, 1, 1),
                 shared_mem_bytes: decode_attention_shared_bytes(ctx, d) as u32,
             };
-            // SAFETY: the arguments are the kernel's, in its order and types
-            // (a null mask pointer is "no mask"); `stacked` holds the `[b,
-            // t, heads + 2 kv_heads, d]` elements (d even), `table` `[t, d]`
-            // or, batched, `[b, t, d]`, `out` `[b, t, heads, d]`, the mask
-            // `[b, 1, t, ctx]` (all checked above), and every key and value
-            // element the strides reach for `[b, kv_heads, ctx, d]` lies in
-            // its view (`strided`); `heads` is a multiple of `kv_heads`.
-            // Block `r` reads its query head row, its table row, its batch
-            // item's and key/value head's keys and values and its mask row,
-            // and writes its head's `d` elements of `out`; the
-            // dynamic shared memory is the `ctx + d + max(block, d)` floats
-            // the kernel uses, within a block's 48 KiB (checked above).
+            // SAFETY: see above; one block per query row, each with the
+            // `ctx + d + max(block, d)` floats of shared memory it uses.
             unsafe { builder.launch(config) }.w()?;
-        }
+            return Ok(CudaStorage::wrap_cuda_slice(out, dev));
+        };
+        // Split: each part's scores and its maximum and sum, then each
+        // part's probabilities and value sums, then each row's parts added.
+        let (chunk, splits) = (DECODE_SPLIT_CHUNK as i32, parts as i32);
+        // SAFETY: written in full by the scores kernel (every key of every
+        // row, and every part's two statistics) before the values kernel
+        // reads them, and by the values kernel (every part's `d` sums)
+        // before the combining kernel reads them: one stream, in order.
+        let (scores, stats, partials) = unsafe {
+            (
+                dev.alloc::<f32>(rows * ctx)?,
+                dev.alloc::<f32>(rows * parts * 2)?,
+                dev.alloc::<f32>(rows * parts * d)?,
+            )
+        };
+        let blocks = |count: usize, shared_floats: usize| LaunchConfig {
+            grid_dim: (count as u32, 1, 1),
+            block_dim: (DECODE_SPLIT_BLOCK as u32, 1, 1),
+            shared_mem_bytes: (shared_floats * 4) as u32,
+        };
+        let func_scores = func("scores")?;
+        let mut builder = func_scores.builder();
+        builder.arg(&stacked);
+        builder.arg(&table);
+        builder.arg(&keys);
+        match &mask {
+            Some(mask) => builder.arg(mask),
+            None => builder.arg(&null),
+        };
+        builder.arg(&scores);
+        builder.arg(&stats);
+        builder.arg(&shape);
+        builder.arg(&chunk);
+        builder.arg(&splits);
+        // SAFETY: see above; a block per (row, part), `d` floats of shared
+        // memory for the rotated query; `scores` holds `[rows, ctx]`,
+        // `stats` `[rows, parts, 2]`.
+        unsafe { builder.launch(blocks(rows * parts, d)) }.w()?;
+        let func_values = func("values")?;
+        let mut builder = func_values.builder();
+        builder.arg(&values);
+        builder.arg(&scores);
+        builder.arg(&stats);
+        builder.arg(&partials);
+        builder.arg(&shape);
+        builder.arg(&chunk);
+        builder.arg(&splits);
+        let shared = DECODE_SPLIT_CHUNK + DECODE_SPLIT_BLOCK.max(d);
+        // SAFETY: see above; a block per (row, part), with a part's
+        // probabilities and the value sums' parts in shared memory (`chunk
+        // + max(block, d)` floats, `decode_split_shared_bytes`);
+        // `partials` holds `[rows, parts, d]`.
+        unsafe { builder.launch(blocks(rows * parts, shared)) }.w()?;
+        let func_combine = func("combine")?;
+        let mut builder = func_combine.builder();
+        builder.arg(&partials);
+        builder.arg(&out);
+        builder.arg(&shape);
+        builder.arg(&splits);
+        // SAFETY: see above; a block per row, reading its parts' sums and
+        // writing its output row; no shared memory.
+        unsafe { builder.launch(blocks(rows, 0)) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 }

@@ -88,16 +88,22 @@ fn gpu_matches_cpu(dtype: DType, tolerance: f64) {
 /// [`gpu_matches_cpu`] for what `request` records (residual only: the
 /// MLP's fused GELU-times-up runs, which recording the activations skips).
 fn gpu_matches_cpu_for(request: &CaptureRequest, dtype: DType, tolerance: f64) {
-    let (meta, cpu_model) = tiny_on(&Device::Cpu, DType::F32);
-    let (_, gpu_model) = tiny_on(&cuda(), dtype);
+    let (meta, _) = tiny_on(&Device::Cpu, DType::F32);
     let prompt = meta
         .tokenizer
         .encode_prompt("Write a careful answer about the history of bridges and tunnels, please.")
         .unwrap();
+    gpu_matches_cpu_on(&prompt, request, dtype, tolerance);
+}
+
+/// [`gpu_matches_cpu_for`] on the prompt `prompt`.
+fn gpu_matches_cpu_on(prompt: &[u32], request: &CaptureRequest, dtype: DType, tolerance: f64) {
+    let (_, cpu_model) = tiny_on(&Device::Cpu, DType::F32);
+    let (_, gpu_model) = tiny_on(&cuda(), dtype);
     let response = [3u32, 30, 300, 12, 44, 9, 700, 5];
     let plan = ResponsePlan::Replay(&response);
-    let cpu = capture_prompt(&cpu_model, &prompt, request, plan, &mut || {}).unwrap();
-    let gpu = capture_prompt(&gpu_model, &prompt, request, plan, &mut || {}).unwrap();
+    let cpu = capture_prompt(&cpu_model, prompt, request, plan, &mut || {}).unwrap();
+    let gpu = capture_prompt(&gpu_model, prompt, request, plan, &mut || {}).unwrap();
     let (error, at) = worst_error(&gpu, &cpu);
     let what = if request.layers.iter().all(|w| w.projections) {
         "everything"
@@ -105,7 +111,8 @@ fn gpu_matches_cpu_for(request: &CaptureRequest, dtype: DType, tolerance: f64) {
         "some"
     };
     eprintln!(
-        "cuda {dtype:?} vs cpu f32, {what} recorded: worst norm-relative error {error:.2e} ({at}), tolerance {tolerance:.0e}"
+        "cuda {dtype:?} vs cpu f32, {what} recorded, {} prompt tokens: worst norm-relative error {error:.2e} ({at}), tolerance {tolerance:.0e}",
+        prompt.len()
     );
     assert!(error < tolerance, "{at}: {error} >= {tolerance}");
 }
@@ -137,6 +144,27 @@ fn cuda_residual_capture_matches_the_cpu_with_the_fused_mlp() {
     };
     gpu_matches_cpu_for(&request, DType::F32, 1e-4);
     gpu_matches_cpu_for(&request, DType::BF16, 3e-2);
+}
+
+#[test]
+fn cuda_long_prompt_capture_matches_the_cpu_with_the_split_decode_attention() {
+    // Past 256 keys a decode step's attention is split over the keys (the
+    // default); the fixture's sliding window masks whole parts of it.
+    let residual = LayerWants {
+        residual: true,
+        ..LayerWants::default()
+    };
+    let (meta, model) = tiny_on(&Device::Cpu, DType::F32);
+    let request = CaptureRequest {
+        layers: vec![residual; model.config().num_hidden_layers],
+    };
+    let vocab = meta.tokenizer.vocab_size() as u32;
+    let prompt: Vec<u32> = std::iter::once(2)
+        .chain((1..300u32).map(|i| 10 + (i * 37) % (vocab - 10)))
+        .collect();
+    assert!(prompt.len() > capture_kernels::DECODE_SPLIT_FROM);
+    gpu_matches_cpu_on(&prompt, &request, DType::F32, 1e-4);
+    gpu_matches_cpu_on(&prompt, &request, DType::BF16, 3e-2);
 }
 
 #[test]
@@ -377,13 +405,18 @@ fn cuda_decode_attention_matches_the_cpu() {
         (view(0), view(1))
     };
     let (heads, kv_heads, d) = (8, 4, 256);
-    let op = |cap| DecodeAttention {
+    let op = |cap, split_from| DecodeAttention {
         softmax: AttentionSoftmax {
             scale: 256f64.powf(-0.5),
             cap,
         },
         heads: QkvHeads { heads, kv_heads },
+        split_from,
     };
+    // One block per query row, and split over the keys (parts of 64; with
+    // the 4,096-key window, the 8,000-key context's first parts are all
+    // masked).
+    let (one_block, split) = (usize::MAX, 0);
     // gemma-2-2b's heads: a decode step, a batch of two queries each with
     // padding (a rotary table per sequence), a context near the model's
     // 8,192.
@@ -399,8 +432,11 @@ fn cuda_decode_attention_matches_the_cpu() {
         };
         let mask = window_mask(b, t, ctx, 4096, 2);
         let gpu_mask = mask.to_device(&gpu).unwrap();
-        for cap in [Some(50.0), None] {
-            let op = op(cap);
+        for (cap, split_from) in [Some(50.0), None]
+            .into_iter()
+            .flat_map(|cap| [(cap, one_block), (cap, split)])
+        {
+            let op = op(cap, split_from);
             for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 8e-3), (DType::F16, 2e-3)]
             {
                 let [qkv, table, buffer] =
@@ -420,30 +456,50 @@ fn cuda_decode_attention_matches_the_cpu() {
                         host_values(op.candle_ops(&gpu_qkv, &gpu_table, (&gk, &gv), gm).unwrap());
                     let (error, against_separate) =
                         (norm_error(&kernel, &cpu), norm_error(&kernel, &separate));
+                    let how = if split_from == split {
+                        "split"
+                    } else {
+                        "one block per row"
+                    };
                     eprintln!(
-                        "decode attention b {b} t {t} ctx {ctx} {dtype:?}, cap {cap:?}, mask {masked}: {error:.2e} against the CPU, {against_separate:.2e} against the GPU's separate operations"
+                        "decode attention b {b} t {t} ctx {ctx} {dtype:?}, cap {cap:?}, mask {masked}, {how}: {error:.2e} against the CPU, {against_separate:.2e} against the GPU's separate operations"
                     );
-                    let what = format!("b {b} t {t} ctx {ctx} {dtype:?} {cap:?} {masked}");
+                    let what = format!("b {b} t {t} ctx {ctx} {dtype:?} {cap:?} {masked} {how}");
                     assert!(error < tolerance, "{what}");
                     assert!(against_separate < tolerance, "{what}");
                 }
             }
         }
     }
-    // A context past the kernel's shared memory is an error, not a launch
-    // (the model uses the separate operations there).
-    assert!(!DecodeAttention::fits(12_000, 256));
-    let buffer = random(&[2, 1, 4, 12_000, 256], 4, 1.0)
-        .to_device(&gpu)
-        .unwrap();
-    let qkv = random(&[1, 1, 16, 256], 5, 1.0).to_device(&gpu).unwrap();
-    let table = random(&[1, 256], 6, 1.0).to_device(&gpu).unwrap();
-    let (k, v) = views(&buffer, 12_000);
-    let error = op(None)
-        .forward(&qkv, &table, (&k, &v), None)
+    // A context past one block's shared memory is an error there, not a
+    // launch (the model uses the separate operations), and split it is the
+    // CPU's attention.
+    assert!(!op(None, one_block).fits(12_000, 256));
+    assert!(op(None, capture_kernels::DECODE_SPLIT_FROM).fits(12_000, 256));
+    let buffer = random(&[2, 1, 4, 12_000, 256], 4, 1.0);
+    let qkv = random(&[1, 1, 16, 256], 5, 1.0);
+    let table = random(&[1, 256], 6, 1.0);
+    let [gpu_buffer, gpu_qkv, gpu_table] =
+        [&buffer, &qkv, &table].map(|x| x.to_device(&gpu).unwrap());
+    let ((k, v), (gk, gv)) = (views(&buffer, 12_000), views(&gpu_buffer, 12_000));
+    let error = op(None, one_block)
+        .forward(&gpu_qkv, &gpu_table, (&gk, &gv), None)
         .unwrap_err()
         .to_string();
     assert!(error.contains("shared memory"), "{error}");
+    let kernel = host_values(
+        op(None, split)
+            .forward(&gpu_qkv, &gpu_table, (&gk, &gv), None)
+            .unwrap(),
+    );
+    let cpu = host_values(
+        op(None, split)
+            .forward(&qkv, &table, (&k, &v), None)
+            .unwrap(),
+    );
+    let error = norm_error(&kernel, &cpu);
+    eprintln!("decode attention over 12,000 keys, split: {error:.2e} against the CPU");
+    assert!(error < 1e-5);
 }
 
 #[test]

@@ -21,12 +21,19 @@
 //! shared memory); elsewhere the separate operations are as fast (the CPU
 //! has no launches to save) or faster (a prompt's many queries are a
 //! matmul's work). `CAPTURE_UNFUSED=1` turns it off with the other fused
-//! operations (see [`super::fused`]).
+//! operations (see [`super::fused`]). Past
+//! [`capture_kernels::DECODE_SPLIT_FROM`] keys the kernel splits each query
+//! row's keys into parts of 64, each part a block of its own (so a long
+//! context is read by many multiprocessors, not by one per query row);
+//! `CAPTURE_DECODE_SPLIT_FROM=N` sets that bound (a large N: never split),
+//! to compare the two on a GPU.
 //!
 //! The CPU implementation below computes each step as the kernel does, in
 //! order, and is the kernel's reference (`capture::gpu_tests`); it equals
 //! candle's operations within float rounding (the tests here), and a whole
 //! model run with it equals one without (`capture::batch_tests`).
+
+use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -49,6 +56,27 @@ pub const MAX_QUERIES: usize = 8;
 pub struct DecodeAttention {
     pub softmax: AttentionSoftmax,
     pub heads: QkvHeads,
+    /// On a GPU, contexts past this many keys are split over the keys (see
+    /// the module's documentation); the CPU computes every row at once.
+    pub split_from: usize,
+}
+
+/// `CAPTURE_DECODE_SPLIT_FROM` if set (read once per process), else
+/// [`capture_kernels::DECODE_SPLIT_FROM`].
+pub fn split_from() -> usize {
+    static SPLIT_FROM: OnceLock<usize> = OnceLock::new();
+    *SPLIT_FROM.get_or_init(|| {
+        let default = capture_kernels::DECODE_SPLIT_FROM;
+        match std::env::var("CAPTURE_DECODE_SPLIT_FROM") {
+            Err(_) => default,
+            Ok(text) => text.trim().parse().unwrap_or_else(|_| {
+                tracing::warn!(
+                    "CAPTURE_DECODE_SPLIT_FROM={text:?} is not a number of keys; splitting past {default}"
+                );
+                default
+            }),
+        }
+    })
 }
 
 impl DecodeAttention {
@@ -60,9 +88,9 @@ impl DecodeAttention {
     }
 
     /// Whether the kernel takes `ctx` keys of `head_dim` elements (its
-    /// shared memory; gemma-2-2b's whole context fits).
-    pub fn fits(ctx: usize, head_dim: usize) -> bool {
-        capture_kernels::decode_attention_fits(ctx, head_dim)
+    /// shared memory; gemma-2-2b's whole context fits either way).
+    pub fn fits(&self, ctx: usize, head_dim: usize) -> bool {
+        capture_kernels::decode_attention_fits(ctx, head_dim, self.split_from)
     }
 
     /// The attention of the query heads of `qkv` (`[b, t, heads + 2
@@ -339,7 +367,11 @@ impl CustomOp3 for Op {
             },
             None => None,
         };
-        let DecodeAttention { softmax, heads } = self.params;
+        let DecodeAttention {
+            softmax,
+            heads,
+            split_from,
+        } = self.params;
         let out = capture_kernels::decode_attention(
             (s1, l1),
             (table, table_layout),
@@ -347,6 +379,7 @@ impl CustomOp3 for Op {
             mask,
             heads,
             (softmax.scale, softmax.cap),
+            split_from,
         )?;
         Ok((out, Shape::from((b, t, heads.heads * d))))
     }
@@ -391,6 +424,7 @@ mod tests {
         DecodeAttention {
             softmax: AttentionSoftmax { scale, cap },
             heads: QkvHeads { heads, kv_heads },
+            split_from: capture_kernels::DECODE_SPLIT_FROM,
         }
     }
 
@@ -477,13 +511,23 @@ mod tests {
 
     #[test]
     fn gemma_2_2b_s_whole_context_fits_the_kernel() {
-        // 48 KiB of shared memory less the reductions' 256 bytes, in f32:
-        // the scores, the query and the value sums' parts (512 threads).
-        assert!(DecodeAttention::fits(8192, 256));
-        assert!(DecodeAttention::fits(11_456, 256));
-        assert!(!DecodeAttention::fits(11_457, 256));
-        assert!(DecodeAttention::fits(11_704, 8));
-        assert!(!DecodeAttention::fits(11_705, 8));
+        // One block per query row: 48 KiB of shared memory less the
+        // reductions' 256 bytes, in f32: the scores, the query and the value
+        // sums' parts (512 threads).
+        let one_block = DecodeAttention {
+            split_from: usize::MAX,
+            ..op(8, 4, 1.0, None)
+        };
+        assert!(one_block.fits(8192, 256));
+        assert!(one_block.fits(11_456, 256));
+        assert!(!one_block.fits(11_457, 256));
+        assert!(one_block.fits(11_704, 8));
+        assert!(!one_block.fits(11_705, 8));
+        // Split over the keys (the default past 256 keys): any context.
+        let split = op(8, 4, 1.0, None);
+        assert_eq!(split.split_from, capture_kernels::DECODE_SPLIT_FROM);
+        assert!(split.fits(8192, 256));
+        assert!(split.fits(100_000, 256));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use candle_nn::Embedding;
 use super::attention_softmax::AttentionSoftmax;
 use super::cache::{KvCache, PassLayout};
 use super::config::{Gemma2Config, LayerKind};
-use super::decode_attention::DecodeAttention;
+use super::decode_attention::{self, DecodeAttention};
 use super::gelu_mul::{gelu_and_up, gelu_mul};
 use super::norm::{NormPair, RmsNorm};
 use super::rotary::{PassRotary, QkvHeads, Rotary};
@@ -230,15 +230,16 @@ impl Attention {
         // f32 probabilities when they are recorded, else straight in the
         // compute dtype for the product with the values.
         let recorded = wants.attention_heads || wants.attention_mean;
+        let decode = DecodeAttention {
+            softmax: self.softmax,
+            heads: qkv_heads,
+            split_from: decode_attention::split_from(),
+        };
         if let Some(table) = pass.rotary.table()
             && pass.decode_attention
             && !recorded
-            && DecodeAttention::fits(context, self.head_dim)
+            && decode.fits(context, self.head_dim)
         {
-            let decode = DecodeAttention {
-                softmax: self.softmax,
-                heads: qkv_heads,
-            };
             return self
                 .o_proj
                 .forward(&decode.forward(&qkv, table, (&k, &v), mask)?);
