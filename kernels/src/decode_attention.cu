@@ -108,10 +108,15 @@ HOST_DEVICE void rotate_query(const Block &block, float *qs, const T *q, const T
     block.sync();
 }
 
+// Keys a warp takes at a time in `score_keys` (their loads in flight
+// together).
+#define KEYS_PER_WARP 4
+
 // The scores of keys [lo, hi) (`keys` the row's first, `mask` its mask row
-// or null) into `scores[j - lo]`, a warp per key; returns their maximum
-// (-inf when every one is masked) to every thread, after a synchronisation
-// (the scores are then visible to the whole block).
+// or null) into `scores[j - lo]`, a warp per key, KEYS_PER_WARP keys per
+// warp at a time; returns their maximum (-inf when every one is masked) to
+// every thread, after a synchronisation (the scores are then visible to
+// the whole block).
 #pragma nv_exec_check_disable
 template <typename T, typename Block>
 HOST_DEVICE float score_keys(const Block &block, const float *qs, const T *keys,
@@ -123,23 +128,35 @@ HOST_DEVICE float score_keys(const Block &block, const float *qs, const T *keys,
     float max = -INFINITY;
     // Every warp goes round as often as the others (a warp sum needs all of
     // its lanes; the host emulation, all of the block's threads).
-    for (int first = lo; first < hi; first += warps) {
-        const int j = first + warp;
-        float dot = 0.0f;
-        if (j < hi) {
-            const T *key = keys + j * s.k_column;
-            for (int i = lane; i < s.d; i += 32) {
-                dot += qs[i] * widen(key[i]);
+    for (int first = lo; first < hi; first += warps * KEYS_PER_WARP) {
+        float dots[KEYS_PER_WARP];
+#ifdef __CUDA_ARCH__
+#pragma unroll
+#endif
+        for (int u = 0; u < KEYS_PER_WARP; u++) {
+            const int j = first + u * warps + warp;
+            dots[u] = 0.0f;
+            if (j < hi) {
+                const T *key = keys + j * s.k_column;
+                for (int i = lane; i < s.d; i += 32) {
+                    dots[u] += qs[i] * widen(key[i]);
+                }
             }
         }
-        dot = block.warp_sum(dot);
-        if (j < hi && lane == 0) {
-            float score = scaled_score(narrow_to<T>(dot), s.scale, s.cap, inv_cap);
-            if (mask != nullptr) {
-                score = score + mask[j];
+#ifdef __CUDA_ARCH__
+#pragma unroll
+#endif
+        for (int u = 0; u < KEYS_PER_WARP; u++) {
+            const int j = first + u * warps + warp;
+            const float dot = block.warp_sum(dots[u]);
+            if (j < hi && lane == 0) {
+                float score = scaled_score(narrow_to<T>(dot), s.scale, s.cap, inv_cap);
+                if (mask != nullptr) {
+                    score = score + mask[j];
+                }
+                scores[j - lo] = score;
+                max = fmaxf(max, score);
             }
-            scores[j - lo] = score;
-            max = fmaxf(max, score);
         }
     }
     return block.reduce(max, Max(), -INFINITY);
