@@ -288,8 +288,34 @@ pub struct Cluster {
     pub logs: tempfile::TempDir,
 }
 
-/// A free loopback port (bound, then released).
+/// A loopback port that is free now (bound, then released) and below the
+/// kernel's ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`). A
+/// port from binding port 0 is an ephemeral one, and until the process
+/// under test binds it any socket that connects out (a database or S3
+/// client of this test or another, many a second) may be given it, as a
+/// worker's metrics port once was in CI ("Address already in use"); below
+/// the range only an explicit bind takes a port. Each process starts at
+/// its own offset and counts up, so concurrent callers do not pick the
+/// same one.
 pub fn free_port() -> u16 {
+    const FIRST: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral_low.saturating_sub(FIRST);
+    let offset = std::process::id().wrapping_mul(7919);
+    for _ in 0..span.min(5000) {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = FIRST + offset.wrapping_add(n) % span;
+        if let Ok(port) = u16::try_from(port)
+            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
+    // No room below the ephemeral range: any free port.
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -594,4 +620,31 @@ pub fn wait_for_log(process: &Process, needle: &str, timeout: Duration) -> bool 
         std::thread::sleep(Duration::from_millis(50));
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::free_port;
+
+    #[test]
+    fn free_ports_are_distinct_and_below_the_ephemeral_range() {
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|range| range.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32_768);
+        let ports: Vec<u16> = (0..50).map(|_| free_port()).collect();
+        let mut distinct = ports.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+        for port in ports {
+            if low > 11_000 {
+                assert!(
+                    (10_000..low).contains(&port),
+                    "{port} (ephemeral from {low})"
+                );
+            }
+            std::net::TcpListener::bind(("127.0.0.1", port)).expect("still free");
+        }
+    }
 }
