@@ -633,7 +633,7 @@ async fn errors_are_one_clear_line() {
     assert!(!message.contains("s3cret"));
 
     // Nothing listening: say so, and what to do.
-    let closed = closed_port_url();
+    let (_bound, closed) = closed_port_url();
     let error = Connector::new(ClientConfig::new(&closed))
         .suggesting_embedded()
         .connect()
@@ -648,11 +648,13 @@ async fn errors_are_one_clear_line() {
     assert!(message.contains("leave out --coordinator"), "{message}");
 }
 
-fn closed_port_url() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
-    format!("http://{addr}")
+/// A URL whose port refuses connections: bound but not listening, so no
+/// other socket can be given the port while the returned socket lives.
+fn closed_port_url() -> (tokio::net::TcpSocket, String) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, format!("http://{addr}"))
 }
 
 fn coordinator(args: &[&str]) -> Output {
@@ -775,7 +777,7 @@ async fn the_binary_prints_ids_summaries_json_and_errors() {
     let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(json["runs"].as_array().unwrap().len(), 2);
 
-    let closed = closed_port_url();
+    let (_bound, closed) = closed_port_url();
     let output = tokio::task::spawn_blocking(move || {
         coordinator(&["status", &RunId::new().to_wire(), "--coordinator", &closed])
     })

@@ -711,14 +711,18 @@ async fn the_worker_waits_for_a_coordinator_that_starts_late() {
         &PROMPTS[..1],
         2,
     ));
-    // Reserve a port, free it, and only serve on it after the worker started.
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // A port bound but not listening (connections are refused, and no
+    // other socket can be given it meanwhile), listened on only after the
+    // worker started.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
     let worker = tokio::spawn(run_worker(fixture.options(addr), std::future::pending()));
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let _server = serve(&fixture.script, TcpIncoming::bind(addr).unwrap());
+    let _server = serve(
+        &fixture.script,
+        TcpIncoming::from(socket.listen(64).unwrap()),
+    );
     let report = tokio::time::timeout(Duration::from_secs(60), worker)
         .await
         .expect("the worker finishes once the coordinator is up")

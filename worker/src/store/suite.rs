@@ -725,12 +725,11 @@ fn unreachable_store(endpoint: String) -> ArtifactStore {
 
 #[tokio::test]
 async fn unreachable_s3_endpoint_fails_fast_with_a_clear_error() {
-    // Nothing listens: connections are refused.
-    let refused_port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Bound but not listening: connections are refused (and no other
+    // socket can be given the port while the test runs).
+    let refused = tokio::net::TcpSocket::new_v4().unwrap();
+    refused.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let refused_port = refused.local_addr().unwrap().port();
     // Something listens but never answers: requests time out.
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
     let silent_port = silent.local_addr().unwrap().port();
