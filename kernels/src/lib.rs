@@ -102,14 +102,20 @@ pub fn decode_attention_parts(ctx: usize, split_from: usize) -> Option<usize> {
     (ctx > split_from).then(|| ctx.div_ceil(DECODE_SPLIT_CHUNK))
 }
 
+/// The most shared memory a block of the decode attention over `ctx` keys
+/// of `d` elements uses, split past `split_from` keys.
+pub fn decode_attention_shared_need(ctx: usize, d: usize, split_from: usize) -> usize {
+    match decode_attention_parts(ctx, split_from) {
+        Some(_) => decode_split_shared_bytes(d),
+        None => decode_attention_shared_bytes(ctx, d),
+    }
+}
+
 /// Whether the decode attention takes `ctx` keys of `d` elements, split
 /// past `split_from` keys (one block per row holds up to 11,456 of
 /// gemma-2-2b's keys in shared memory; split, any number).
 pub fn decode_attention_fits(ctx: usize, d: usize, split_from: usize) -> bool {
-    match decode_attention_parts(ctx, split_from) {
-        Some(_) => decode_split_shared_bytes(d) <= SHARED_BYTES,
-        None => decode_attention_shared_bytes(ctx, d) <= SHARED_BYTES,
-    }
+    decode_attention_shared_need(ctx, d, split_from) <= SHARED_BYTES
 }
 
 #[cfg(feature = "cuda")]

@@ -288,6 +288,15 @@ pub struct Cluster {
     pub logs: tempfile::TempDir,
 }
 
+/// The first port of the kernel's ephemeral range (Linux's default where
+/// it cannot be read).
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
+}
+
 /// A loopback port that is free now (bound, then released) and below the
 /// kernel's ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`). A
 /// port from binding port 0 is an ephemeral one, and until the process
@@ -300,11 +309,7 @@ pub struct Cluster {
 pub fn free_port() -> u16 {
     const FIRST: u32 = 10_000;
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32_768);
-    let span = ephemeral_low.saturating_sub(FIRST);
+    let span = u32::from(ephemeral_low()).saturating_sub(FIRST);
     let offset = std::process::id().wrapping_mul(7919);
     for _ in 0..span.min(5000) {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -624,14 +629,11 @@ pub fn wait_for_log(process: &Process, needle: &str, timeout: Duration) -> bool 
 
 #[cfg(test)]
 mod tests {
-    use super::free_port;
+    use super::{ephemeral_low, free_port};
 
     #[test]
     fn free_ports_are_distinct_and_below_the_ephemeral_range() {
-        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .ok()
-            .and_then(|range| range.split_whitespace().next()?.parse().ok())
-            .unwrap_or(32_768);
+        let low = ephemeral_low();
         let ports: Vec<u16> = (0..50).map(|_| free_port()).collect();
         let mut distinct = ports.clone();
         distinct.sort_unstable();

@@ -11,7 +11,7 @@ use super::{DECODE_ATTENTION, view};
 use crate::{
     DECODE_ATTENTION_BLOCK, DECODE_SPLIT_BLOCK, DECODE_SPLIT_CHUNK, QkvHeads,
     decode_attention_fits, decode_attention_parts, decode_attention_shared_bytes,
-    decode_split_shared_bytes,
+    decode_attention_shared_need, decode_split_shared_bytes,
 };
 
 const WHAT: &str = "decode-attention";
@@ -106,12 +106,9 @@ pub fn decode_attention(
         );
     }
     if !decode_attention_fits(ctx, d, split_from) {
-        let bytes = match decode_attention_parts(ctx, split_from) {
-            Some(_) => decode_split_shared_bytes(d),
-            None => decode_attention_shared_bytes(ctx, d),
-        };
         candle_core::bail!(
-            "{WHAT}: {ctx} keys of {d} need {bytes} bytes of shared memory, more than a block has"
+            "{WHAT}: {ctx} keys of {d} need {} bytes of shared memory, more than a block has",
+            decode_attention_shared_need(ctx, d, split_from)
         );
     }
     let args = Args {
@@ -267,10 +264,10 @@ impl Args<'_> {
                 dev.alloc::<f32>(rows * parts * d)?,
             )
         };
-        let blocks = |count: usize, shared_floats: usize| LaunchConfig {
+        let blocks = |count: usize, shared_bytes: usize| LaunchConfig {
             grid_dim: (count as u32, 1, 1),
             block_dim: (DECODE_SPLIT_BLOCK as u32, 1, 1),
-            shared_mem_bytes: (shared_floats * 4) as u32,
+            shared_mem_bytes: shared_bytes as u32,
         };
         let func_scores = func("scores")?;
         let mut builder = func_scores.builder();
@@ -289,7 +286,7 @@ impl Args<'_> {
         // SAFETY: see above; a block per (row, part), `d` floats of shared
         // memory for the rotated query; `scores` holds `[rows, ctx]`,
         // `stats` `[rows, parts, 2]`.
-        unsafe { builder.launch(blocks(rows * parts, d)) }.w()?;
+        unsafe { builder.launch(blocks(rows * parts, d * 4)) }.w()?;
         let func_values = func("values")?;
         let mut builder = func_values.builder();
         builder.arg(&values);
@@ -299,12 +296,11 @@ impl Args<'_> {
         builder.arg(&shape);
         builder.arg(&chunk);
         builder.arg(&splits);
-        let shared = DECODE_SPLIT_CHUNK + DECODE_SPLIT_BLOCK.max(d);
         // SAFETY: see above; a block per (row, part), with a part's
         // probabilities and the value sums' parts in shared memory (`chunk
         // + max(block, d)` floats, `decode_split_shared_bytes`);
         // `partials` holds `[rows, parts, d]`.
-        unsafe { builder.launch(blocks(rows * parts, shared)) }.w()?;
+        unsafe { builder.launch(blocks(rows * parts, decode_split_shared_bytes(d))) }.w()?;
         let func_combine = func("combine")?;
         let mut builder = func_combine.builder();
         builder.arg(&partials);
