@@ -12,6 +12,7 @@ const KERNELS: &[&str] = &[
     "decode_attention",
     "rotary",
     "gelu_mul",
+    "matvec",
     "gather",
     "head",
 ];

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the worker's CUDA kernels' bodies on the CPU, without a GPU:
-# kernels/tests/host_emulation.cu compiles the bodies of kernels/src/rotary.cu,
+# kernels/tests/host_emulation.cu compiles the bodies of kernels/src/rotary.cu, matvec.cu,
 # gelu_mul.cu, gather.cu and decode_attention.cu for the host and runs every
 # launch index (or block, as threads) against references written apart from
 # them (see that file). CI runs it, and so

@@ -15,10 +15,13 @@
 #    (scripts/compare_captures.py);
 # 3. `worker bench --device cuda --compare-transformers` at gemma-2-2b's
 #    dimensions (bf16), batches of 1 to 128;
-# 4. the same bench without transformers and with CAPTURE_UNFUSED=1 (candle's
-#    separate operations instead of the capture-kernels crate's: norms,
+# 4. the same bench without transformers, with CAPTURE_CUBLAS_PROJECTIONS=1
+#    (cuBLAS's matmul for the decode steps' projections instead of the
+#    worker's matvec kernel), batches of 1 and 4, for the side-by-side ratio;
+#    with CAPTURE_UNFUSED=1 (candle's separate operations instead of the
+#    capture-kernels crate's: norms,
 #    attention softmax, decode attention, rotary, GELU times up, gather,
-#    soft-cap and argmax), batches of 1 and 16, for the side-by-side ratio;
+#    soft-cap, argmax and the projections' matvec), batches of 1 and 16;
 # 5. the same with CAPTURE_CUDA_DEFAULTS=1 (the driver's memory pool
 #    releasing freed memory at every synchronisation, cudarc's events on
 #    every allocation; see capture_kernels::device), batches of 1 and 16;
@@ -69,6 +72,8 @@ step compare-bf16 60 python3 scripts/compare_captures.py /tmp/run-cpu /tmp/run-b
 step bench 360 /tmp/gpu-bin/worker bench --device cuda --new-tokens 20 --prompt-tokens 30 \
     --batch-sizes 4,16,64,128 --repeats 2 --compare-transformers --python python3 \
     --json "$out/bench.json"
+step bench-cublas 120 env CAPTURE_CUBLAS_PROJECTIONS=1 /tmp/gpu-bin/worker bench --device cuda \
+    --new-tokens 20 --prompt-tokens 30 --batch-sizes 4 --repeats 2 --json "$out/bench-cublas.json"
 step bench-unfused 120 env CAPTURE_UNFUSED=1 /tmp/gpu-bin/worker bench --device cuda \
     --new-tokens 20 --prompt-tokens 30 --batch-sizes 16 --repeats 2 --json "$out/bench-unfused.json"
 step bench-cuda-defaults 120 env CAPTURE_CUDA_DEFAULTS=1 /tmp/gpu-bin/worker bench --device cuda \
@@ -81,6 +86,6 @@ step bench-long-one-block 90 env CAPTURE_DECODE_SPLIT_FROM=1000000 /tmp/gpu-bin/
 step bench-long-unfused 90 env CAPTURE_UNFUSED=1 /tmp/gpu-bin/worker bench --device cuda \
     "${long[@]}" --json "$out/bench-long-unfused.json"
 echo "=== summary"
-for name in tests capture-cpu capture-cuda-bf16 capture-cuda-f32 compare-f32 compare-bf16 bench bench-unfused bench-cuda-defaults bench-long bench-long-one-block bench-long-unfused; do
+for name in tests capture-cpu capture-cuda-bf16 capture-cuda-f32 compare-f32 compare-bf16 bench bench-cublas bench-unfused bench-cuda-defaults bench-long bench-long-one-block bench-long-unfused; do
     echo "$name: exit ${status[$name]:-not run}"
 done | tee "$out/summary.txt"

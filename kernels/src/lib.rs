@@ -17,6 +17,9 @@
 //!   straight from the stacked q/k/v projection, the keys (with the values)
 //!   written into the KV cache in place (`rotary.cu`);
 //! - [`gelu_mul`]: the MLP's `gelu(gate) * up` (`gelu_mul.cu`);
+//! - [`matvec`]: a decode step's projections at small batches, the weights
+//!   read once in 16-byte vectors (`matvec.cu`), where cuBLAS's general
+//!   product is tiled for many rows;
 //! - [`gather`]: many tensors' elements into one buffer (`gather.cu`), what
 //!   `Tensor::cat` does with a kernel per tensor;
 //! - [`logit_softcap`]: the final logits' cast to f32 and soft-cap, and
@@ -75,6 +78,34 @@ pub const DECODE_SPLIT_CHUNK: usize = 64;
 /// part of 64 keys is a block of its own, for two more launches.
 pub const DECODE_SPLIT_FROM: usize = 256;
 
+/// The most activation rows [`matvec`] takes (a decode step's batch). Each
+/// 16-byte weight vector costs a lane its widening and 8 multiply-adds per
+/// row: at 4 rows, about half of what a multiprocessor computes while its
+/// share of the memory bandwidth (36 GB/s on an H200) delivers the vectors;
+/// past that the arithmetic would catch up with the reading, and cuBLAS's
+/// tiled product (tensor cores) is the better kernel. (`MATVEC_MAX_ROWS`
+/// of `matvec.cu`.)
+pub const MATVEC_MAX_ROWS: usize = 4;
+
+/// Threads per block of the matvec kernel.
+pub const MATVEC_BLOCK: usize = 128;
+
+/// Output columns (weight rows) per warp of the matvec kernel
+/// (`MATVEC_OUT_PER_WARP` of `matvec.cu`).
+pub const MATVEC_OUT_PER_WARP: usize = 2;
+
+/// Whether [`matvec`] takes `rows` activation rows of `in_dim` elements of
+/// `element_bytes` each: 1 to [`MATVEC_MAX_ROWS`] rows, rows of whole
+/// 16-byte vectors (the kernel's loads), sizes an `int` holds. Its inputs
+/// must also start on 16-byte boundaries, as fresh storages do.
+pub fn matvec_fits(rows: usize, in_dim: usize, element_bytes: usize) -> bool {
+    (1..=MATVEC_MAX_ROWS).contains(&rows)
+        && in_dim > 0
+        && element_bytes > 0
+        && (in_dim * element_bytes).is_multiple_of(16)
+        && i32::try_from(in_dim).is_ok()
+}
+
 /// Dynamic shared memory a block of the decode attention kernel may use:
 /// the 48 KiB every CUDA device gives a block without opting in to more,
 /// less 256 bytes for the static shared memory of its two reductions (the
@@ -120,8 +151,8 @@ pub fn decode_attention_fits(ctx: usize, d: usize, split_from: usize) -> bool {
 
 #[cfg(feature = "cuda")]
 pub use launch::{
-    argmax_rows, attention_softmax, decode_attention, gather, gelu_mul, logit_softcap, rms_norm,
-    rms_norm_add_norm, rotary_keys_values, rotary_queries,
+    argmax_rows, attention_softmax, decode_attention, gather, gelu_mul, logit_softcap, matvec,
+    rms_norm, rms_norm_add_norm, rotary_keys_values, rotary_queries,
 };
 
 #[cfg(test)]
@@ -136,6 +167,26 @@ mod tests {
         assert_eq!(decode_attention_parts(8192, DECODE_SPLIT_FROM), Some(128));
         assert_eq!(decode_attention_parts(8192, usize::MAX), None);
         assert_eq!(decode_attention_parts(1, 0), Some(1));
+    }
+
+    #[test]
+    fn matvec_takes_a_decode_step_s_rows_of_whole_vectors() {
+        // gemma-2-2b's projection inputs in bf16 and f32, batches 1 to 4.
+        for in_dim in [2304, 2048, 9216] {
+            for bytes in [2, 4] {
+                assert!(matvec_fits(1, in_dim, bytes));
+                assert!(matvec_fits(MATVEC_MAX_ROWS, in_dim, bytes));
+                assert!(!matvec_fits(MATVEC_MAX_ROWS + 1, in_dim, bytes));
+            }
+        }
+        assert!(!matvec_fits(0, 2304, 2));
+        assert!(!matvec_fits(1, 0, 2));
+        // Rows of a part of a vector.
+        assert!(matvec_fits(1, 8, 2));
+        assert!(!matvec_fits(1, 12, 2));
+        assert!(!matvec_fits(1, 6, 4));
+        assert!(matvec_fits(1, 4, 4));
+        assert!(!matvec_fits(1, 1 << 31, 2));
     }
 
     #[test]

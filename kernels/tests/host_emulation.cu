@@ -23,6 +23,7 @@
 #include "../src/gather.cu"
 #include "../src/gelu_mul.cu"
 #include "../src/head.cu"
+#include "../src/matvec.cu"
 #include "../src/rotary.cu"
 
 static int failures = 0;
@@ -343,6 +344,39 @@ static void decode_attention_case(const char *name, int b, int heads, int kv_hea
             }
 }
 
+// `rows` activation rows times a weight `[out, in]`, transposed, each block
+// of `threads` as the launch code sizes the grid (MATVEC_OUT_PER_WARP
+// columns per warp), against double sums of the same T inputs: within the
+// f32 accumulation's error bound (in * 2^-24 of the absolute products' sum)
+// and T's rounding of the result; every output written.
+template <typename T>
+static void matvec_case(const char *name, int rows, int in, int out, int threads,
+                        float rounding) {
+    const std::vector<T> w = values<T>((size_t)out * in, 9);
+    const std::vector<T> x = values<T>((size_t)rows * in, 10);
+    std::vector<T> y((size_t)rows * out, nan_value<T>());
+    const int per_block = threads / 32 * MATVEC_OUT_PER_WARP;
+    const int blocks = (out + per_block - 1) / per_block;
+    for (int index = 0; index < blocks; index++) {
+        run_block(threads, [&](HostBlock h) {
+            matvec_block(h, index, w.data(), x.data(), y.data(), rows, in, out);
+        });
+    }
+    for (int r = 0; r < rows; r++)
+        for (int o = 0; o < out; o++) {
+            double want = 0.0, magnitude = 0.0;
+            for (int i = 0; i < in; i++) {
+                const double product = (double)widen(x[(size_t)r * in + i]) *
+                                       (double)widen(w[(size_t)o * in + i]);
+                want += product;
+                magnitude += std::fabs(product);
+            }
+            const float got = widen(y[(size_t)r * out + o]);
+            const double bound = in * 6e-8 * magnitude + rounding * std::fabs(want);
+            check(std::fabs(got - want) <= bound, name, r * out + o, got, (float)want);
+        }
+}
+
 // Rows of logits through the argmax body, against the first maximum found
 // in order (NaN: no choice).
 static void argmax_case(const char *name, std::vector<std::vector<float>> rows, int threads) {
@@ -426,6 +460,16 @@ int main() {
                                          2, 30, 32, 256, true, true, 50.0f, 64, 1.0f / 64, 7);
     decode_attention_case<__half>("split decode attention f16, no cap", 1, 2, 1, 1, 50, 50, 16,
                                   false, false, 0.0f, 96, 1.0f / 512, 16);
+    // Projections at decode steps: gemma-2-2b's o_proj input width at batch
+    // 1 and 4 (vectors past a whole round of the warp's unrolled loads), a
+    // column count no warp fills, one vector per row, f32 and f16.
+    matvec_case<__nv_bfloat16>("matvec bf16, gemma-2-2b width, batch 1", 1, 2048, 37, 128,
+                               1.0f / 256);
+    matvec_case<__nv_bfloat16>("matvec bf16, batch 4, uneven columns", 4, 2304, 13, 64,
+                               1.0f / 256);
+    matvec_case<float>("matvec f32, three rows", 3, 1100, 9, 128, 0.0f);
+    matvec_case<float>("matvec f32, one vector per row", 2, 4, 5, 32, 0.0f);
+    matvec_case<__half>("matvec f16, batch 3", 3, 136, 20, 96, 1.0f / 2048);
     std::vector<float> wide(256000, 0.25f);
     wide[255998] = wide[255999] = 9.0f;
     std::vector<float> one_nan(256000, 0.25f);
@@ -451,6 +495,6 @@ int main() {
         std::printf("host emulation: %d mismatches\n", failures);
         return 1;
     }
-    std::printf("host emulation: rotary, gelu-mul, gather, decode attention, soft-cap and argmax kernels match their references\n");
+    std::printf("host emulation: rotary, gelu-mul, gather, decode attention, matvec, soft-cap and argmax kernels match their references\n");
     return 0;
 }

@@ -52,9 +52,10 @@ const BENCH_LONG_ABOUT: &str = "Time plain generation and capture on random weig
     same shapes, prompt and tokens, and the table gets the ratios.\n\n\
     To compare implementations in one sitting: CAPTURE_UNFUSED=1 uses candle's separate operations \
     instead of the worker's fused ones; on a GPU, CAPTURE_CUDA_DEFAULTS=1 keeps the driver's memory \
-    pool release threshold and cudarc's per-allocation events, and CAPTURE_DECODE_SPLIT_FROM=N \
-    splits a decode step's attention over the keys only past N keys (default 256; a large N keeps \
-    one block per query row). Results and the exact commands are recorded in docs/benchmarks.md.";
+    pool release threshold and cudarc's per-allocation events, CAPTURE_CUBLAS_PROJECTIONS=1 computes \
+    the projections of decode steps at batches up to 4 with cuBLAS's matmul instead of the worker's \
+    matvec kernel, and CAPTURE_DECODE_SPLIT_FROM=N splits a decode step's attention over the keys \
+    only past N keys (default 256; a large N keeps one block per query row). Results and the exact commands are recorded in docs/benchmarks.md.";
 
 const RUN_LONG_ABOUT: &str = "Pull capture jobs from a coordinator until stopped.\n\n\
     The model is loaded once; then the worker claims jobs for it (model id and --revision must match \

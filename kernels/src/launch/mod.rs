@@ -3,11 +3,13 @@
 mod decode_attention;
 mod elementwise;
 mod gather;
+mod matvec;
 mod reductions;
 
 pub use decode_attention::decode_attention;
 pub use elementwise::{gelu_mul, logit_softcap, rotary_keys_values, rotary_queries};
 pub use gather::gather;
+pub use matvec::matvec;
 pub use reductions::{argmax_rows, attention_softmax, rms_norm, rms_norm_add_norm};
 
 use candle_core::cuda_backend::CudaDType;
@@ -40,6 +42,10 @@ const GATHER: Module = (
 const HEAD: Module = (
     "capture_head",
     include_str!(concat!(env!("OUT_DIR"), "/head.ptx")),
+);
+const MATVEC: Module = (
+    "capture_matvec",
+    include_str!(concat!(env!("OUT_DIR"), "/matvec.ptx")),
 );
 const GELU_MUL: Module = (
     "capture_gelu_mul",

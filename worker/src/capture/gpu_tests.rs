@@ -687,3 +687,70 @@ fn cuda_gather_equals_concatenation_bit_for_bit() {
     assert!(capture_kernels::gather(&[a.narrow(0, 0, 0).unwrap()]).is_err());
     assert!(capture_kernels::gather(&[]).is_err());
 }
+
+#[test]
+fn cuda_decode_projection_matches_the_cpu_and_cublas() {
+    use crate::model::decode_projection::{DecodeProjection, applies, project};
+    use crate::model::fused::tests::random;
+    let gpu = cuda();
+    // gemma-2-2b's projections at batches 1 to 4 (q/k/v, o, the MLP's gate
+    // and up, down, a quarter of the LM head), and odd sizes: a column
+    // count no warp fills, one vector per row.
+    let shapes = [
+        (1, 2304, 4096),
+        (1, 2048, 2304),
+        (4, 2304, 18_432),
+        (4, 9216, 2304),
+        (2, 2304, 65_536),
+        (3, 8, 7),
+        (3, 24, 33),
+    ];
+    for (dtype, tolerance) in [(DType::F32, 1e-6), (DType::BF16, 3e-3), (DType::F16, 5e-4)] {
+        for (i, &(n, k, out)) in shapes.iter().enumerate() {
+            let x = random(&[n, k], 2 * i as u64, 1.0).to_dtype(dtype).unwrap();
+            let w = random(&[out, k], 2 * i as u64 + 1, 0.05)
+                .to_dtype(dtype)
+                .unwrap();
+            let (gx, gw) = (x.to_device(&gpu).unwrap(), w.to_device(&gpu).unwrap());
+            assert!(applies(&gx, &gw), "{dtype:?} {n}x{k}x{out}");
+            let kernel = project(&gx, &gw).unwrap();
+            assert_eq!(kernel.dims(), &[n, out]);
+            assert_eq!(kernel.dtype(), dtype);
+            let kernel = host_values(kernel);
+            let host = host_values(project(&x, &w).unwrap());
+            let cublas = host_values(gx.matmul(&gw.t().unwrap()).unwrap());
+            let (to_host, to_cublas) = (norm_error(&kernel, &host), norm_error(&kernel, &cublas));
+            eprintln!(
+                "decode projection {dtype:?} {n}x{k}x{out}: {to_host:.2e} against the CPU, \
+                 {to_cublas:.2e} against cuBLAS"
+            );
+            assert!(
+                to_host < tolerance,
+                "{dtype:?} {n}x{k}x{out}: {to_host:.2e}"
+            );
+            assert!(
+                to_cublas < tolerance,
+                "{dtype:?} {n}x{k}x{out}: {to_cublas:.2e}"
+            );
+        }
+    }
+    // Activations starting 8 bytes into their storage: the model keeps
+    // cuBLAS for them, and the kernel refuses them.
+    let wide = random(&[1, 2312], 20, 1.0)
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .to_device(&gpu)
+        .unwrap();
+    let x = wide.narrow(1, 4, 2304).unwrap();
+    let w = random(&[16, 2304], 21, 1.0)
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .to_device(&gpu)
+        .unwrap();
+    assert!(!applies(&x, &w));
+    let e = x
+        .apply_op2_no_bwd(&w, &DecodeProjection)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("16-byte boundary"), "{e}");
+}

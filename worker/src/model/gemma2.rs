@@ -16,7 +16,7 @@ use super::norm::{NormPair, RmsNorm};
 use super::rotary::{PassRotary, QkvHeads, Rotary};
 use super::softcap::logit_softcap;
 use super::weights::Weights;
-use super::{bf16_weights, matvec};
+use super::{bf16_weights, decode_projection, matvec};
 
 /// What one layer records during a pass.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -139,12 +139,15 @@ const WEIGHT_LEFT_MAX_ROWS: usize = 128;
 /// `[n, out]`: bf16-stored weights through [`bf16_weights`]; otherwise on
 /// the CPU one vector (a batch-1 decode step) through the streaming
 /// [`matvec::row_dot`], a few through `W @ X^T`, many (prompt passes)
-/// through `X @ W^T`. Elsewhere (a GPU) always `X @ W^T`: one product with
-/// the weight read transposed, where `W @ X^T` would add a kernel to
-/// transpose its result back.
+/// through `X @ W^T`. On a GPU a decode step's few rows through
+/// [`decode_projection`], more through `X @ W^T`: one product with the
+/// weight read transposed, where `W @ X^T` would add a kernel to transpose
+/// its result back.
 fn project(w: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
     let n = x.dim(0)?;
-    if bf16_weights::applies(x, w) {
+    if decode_projection::applies(x, w) {
+        decode_projection::project(x, w)
+    } else if bf16_weights::applies(x, w) {
         bf16_weights::project(x, w)
     } else if matvec::applies(x, w) {
         matvec::row_dot(x, w)

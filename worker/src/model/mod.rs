@@ -5,6 +5,7 @@ pub mod bf16_weights;
 pub mod cache;
 pub mod config;
 pub mod decode_attention;
+pub mod decode_projection;
 pub mod fused;
 pub mod gelu_mul;
 pub mod gemma2;
