@@ -705,7 +705,10 @@ fn cuda_decode_projection_matches_the_cpu_and_cublas() {
         (3, 8, 7),
         (3, 24, 33),
     ];
-    for (dtype, tolerance) in [(DType::F32, 1e-6), (DType::BF16, 3e-3), (DType::F16, 5e-4)] {
+    // f32: the CPU adds 9,216 products in order, with a rounding error of a
+    // few 1e-6 relative; the kernel's lanes add them in another order.
+    // bf16 and f16: the same sums, rounded (a rounding apart at most).
+    for (dtype, tolerance) in [(DType::F32, 2e-5), (DType::BF16, 3e-3), (DType::F16, 5e-4)] {
         for (i, &(n, k, out)) in shapes.iter().enumerate() {
             let x = random(&[n, k], 2 * i as u64, 1.0).to_dtype(dtype).unwrap();
             let w = random(&[out, k], 2 * i as u64 + 1, 0.05)

@@ -21,9 +21,15 @@ use crate::capture::artifact::artifact_data_bytes;
 use crate::model::Gemma2Config;
 use crate::pt::StoreDtype;
 
-/// The most prompts `auto` puts in one batch: beyond it a decode step is no
-/// longer bound by reading the weights on either device kind, so larger
-/// batches add memory without adding speed.
+/// The most prompts `auto` puts in one batch. On the CPU a decode step
+/// stops being bound by reading the weights within a few rows (at 2 cores,
+/// about 150 GFLOP/s against 25 GB/s), so larger batches add memory without
+/// adding speed. On a GPU that bound holds much longer (an H200 computes
+/// about 200 bf16 rows in the time it reads the weights), but when last
+/// measured there (docs/benchmarks.md, 2026-11-27) batches of 64 and 128
+/// were slower per token than 16: host work per sequence and step, since
+/// cut and not yet measured on a GPU. Until a GPU run says otherwise, the
+/// same bound.
 pub const AUTO_MAX: usize = 32;
 
 /// `--batch-size N` or `--batch-size auto`.
