@@ -295,6 +295,57 @@ fn one_operation_decode_attention_captures_what_separate_operations_do() {
     assert!(differs, "decode steps used the separate operations");
 }
 
+/// Decode steps of up to 4 sequences through the GPU's projection
+/// operation (its CPU form, f32 sums in index order; the CPU is told to use
+/// it here) capture what candle's matmuls do, within f32 rounding: the
+/// model passes the operation its operands as the matmul takes them. A
+/// batch of 3 (decode steps through it, the prompt pass through the
+/// matmul) and one prompt alone.
+#[test]
+fn decode_projection_captures_what_the_matmuls_do() {
+    use crate::model::decode_projection::tests::on_cpu_in;
+    let (meta, model) = tiny_on(&Device::Cpu, DType::F32);
+    let (short, long) = short_and_long(&meta);
+    let greedy = Sampling::Greedy;
+    let generate = |prompt_key| ResponsePlan::Generate {
+        sampling: &greedy,
+        max_new_tokens: 6,
+        eos_ids: &[],
+        prompt_key,
+    };
+    let replay = [5u32, 6, 7];
+    let items = [
+        BatchItem {
+            prompt_ids: &long,
+            plan: generate("t/1"),
+        },
+        BatchItem {
+            prompt_ids: &short,
+            plan: generate("t/2"),
+        },
+        BatchItem {
+            prompt_ids: &short,
+            plan: ResponsePlan::Replay(&replay),
+        },
+    ];
+    let request = everything(meta.config.num_hidden_layers);
+    for items in [&items[..], &items[1..2]] {
+        let run = || capture_batch(&model, items, &request, &mut |_| {}).unwrap();
+        let (kernel, matmul) = (on_cpu_in(run), run());
+        for (i, (k, m)) in kernel.iter().zip(&matmul).enumerate() {
+            assert_eq!(k.response_ids, m.response_ids, "item {i}");
+            assert_traces_close(&format!("item {i} of {}", items.len()), k, m);
+        }
+        let differs = kernel.iter().zip(&matmul).any(|(k, m)| {
+            k.layers
+                .iter()
+                .zip(&m.layers)
+                .any(|(a, b)| a.residual_out.data != b.residual_out.data)
+        });
+        assert!(differs, "decode steps used the matmul");
+    }
+}
+
 /// Greedy tokens chosen where the logits are (what a GPU does) are the
 /// host's choices, and the traces are the same bits; the CPU runs the device
 /// path here by being told to. A sampled item in the batch still samples.

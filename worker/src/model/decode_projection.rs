@@ -39,7 +39,16 @@ fn cublas() -> bool {
 /// float dtype, contiguous and starting on 16-byte boundaries, with rows
 /// the kernel takes ([`matvec_fits`]).
 pub fn applies(x: &Tensor, w: &Tensor) -> bool {
-    matches!(x.device(), Device::Cuda(_)) && !cublas() && takes(x, w)
+    (matches!(x.device(), Device::Cuda(_)) || forced_on_cpu()) && !cublas() && takes(x, w)
+}
+
+/// Whether a test told this thread to use the operation on the CPU too
+/// (`tests::on_cpu_in`); never outside tests.
+fn forced_on_cpu() -> bool {
+    #[cfg(test)]
+    return tests::on_cpu();
+    #[cfg(not(test))]
+    false
 }
 
 /// The shapes, dtypes and layouts the kernel takes.
@@ -142,11 +151,33 @@ impl CustomOp2 for DecodeProjection {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+    use std::cell::Cell;
+
     use candle_core::{DType, Device, Tensor};
 
     use super::{project, takes};
     use crate::model::fused::tests::{random, values};
+
+    thread_local! {
+        static ON_CPU: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// Whether this thread runs the model's projections through the
+    /// operation on the CPU too ([`on_cpu_in`]).
+    pub(super) fn on_cpu() -> bool {
+        ON_CPU.get()
+    }
+
+    /// `f()` with the model's small projections on the CPU computed by the
+    /// operation's CPU form, as a GPU computes them with the kernel (the
+    /// model's passes run on the calling thread).
+    pub(crate) fn on_cpu_in<R>(f: impl FnOnce() -> R) -> R {
+        ON_CPU.set(true);
+        let result = f();
+        ON_CPU.set(false);
+        result
+    }
 
     #[test]
     fn the_cpu_sums_are_a_matmul_s_within_f32_rounding() {
