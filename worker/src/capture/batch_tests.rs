@@ -233,6 +233,48 @@ fn a_profiled_batch_captures_the_same_and_counts_its_passes() {
     assert!(phases.record > std::time::Duration::ZERO, "{phases:?}");
 }
 
+/// A padded batch mixing generation and replay: the long and the short
+/// prompt generating `max_new_tokens` with `sampling`, and the short one
+/// replaying `replay`.
+fn greedy_and_replayed<'a>(
+    (long, short): (&'a [u32], &'a [u32]),
+    sampling: &'a Sampling,
+    max_new_tokens: usize,
+    replay: &'a [u32],
+) -> [BatchItem<'a>; 3] {
+    let generate = |prompt_key| ResponsePlan::Generate {
+        sampling,
+        max_new_tokens,
+        eos_ids: &[],
+        prompt_key,
+    };
+    [
+        BatchItem {
+            prompt_ids: long,
+            plan: generate("t/1"),
+        },
+        BatchItem {
+            prompt_ids: short,
+            plan: generate("t/2"),
+        },
+        BatchItem {
+            prompt_ids: short,
+            plan: ResponsePlan::Replay(replay),
+        },
+    ]
+}
+
+/// Whether some recorded residual differs in its bits between two runs'
+/// traces (a check that a test's two paths did run differently).
+fn residuals_differ(a: &[PromptTrace], b: &[PromptTrace]) -> bool {
+    a.iter().zip(b).any(|(x, y)| {
+        x.layers
+            .iter()
+            .zip(&y.layers)
+            .any(|(p, q)| p.residual_out.data != q.residual_out.data)
+    })
+}
+
 /// Decode steps computing their attention as one operation (as on a GPU)
 /// capture what the separate operations capture, in a padded batch that
 /// passes the sliding window; layers recording attention probabilities
@@ -243,27 +285,7 @@ fn one_operation_decode_attention_captures_what_separate_operations_do() {
     let fused = model.clone().with_decode_attention_on_cpu();
     let (short, long) = short_and_long(&meta);
     let greedy = Sampling::Greedy;
-    let generate = |prompt_key| ResponsePlan::Generate {
-        sampling: &greedy,
-        max_new_tokens: 9,
-        eos_ids: &[],
-        prompt_key,
-    };
-    let replay = [5u32, 6, 7, 8];
-    let items = [
-        BatchItem {
-            prompt_ids: &long,
-            plan: generate("t/1"),
-        },
-        BatchItem {
-            prompt_ids: &short,
-            plan: generate("t/2"),
-        },
-        BatchItem {
-            prompt_ids: &short,
-            plan: ResponsePlan::Replay(&replay),
-        },
-    ];
+    let items = greedy_and_replayed((&long, &short), &greedy, 9, &[5, 6, 7, 8]);
     let layers = meta.config.num_hidden_layers;
     let residual = LayerWants {
         residual: true,
@@ -286,13 +308,10 @@ fn one_operation_decode_attention_captures_what_separate_operations_do() {
         assert_traces_close(&format!("item {i}"), o, s);
     }
     // And they are not the same bits: the operation was used.
-    let differs = one.iter().zip(&separate).any(|(o, s)| {
-        o.layers
-            .iter()
-            .zip(&s.layers)
-            .any(|(a, b)| a.residual_out.data != b.residual_out.data)
-    });
-    assert!(differs, "decode steps used the separate operations");
+    assert!(
+        residuals_differ(&one, &separate),
+        "decode steps used the separate operations"
+    );
 }
 
 /// Decode steps of up to 4 sequences through the GPU's projection
@@ -307,27 +326,7 @@ fn decode_projection_captures_what_the_matmuls_do() {
     let (meta, model) = tiny_on(&Device::Cpu, DType::F32);
     let (short, long) = short_and_long(&meta);
     let greedy = Sampling::Greedy;
-    let generate = |prompt_key| ResponsePlan::Generate {
-        sampling: &greedy,
-        max_new_tokens: 6,
-        eos_ids: &[],
-        prompt_key,
-    };
-    let replay = [5u32, 6, 7];
-    let items = [
-        BatchItem {
-            prompt_ids: &long,
-            plan: generate("t/1"),
-        },
-        BatchItem {
-            prompt_ids: &short,
-            plan: generate("t/2"),
-        },
-        BatchItem {
-            prompt_ids: &short,
-            plan: ResponsePlan::Replay(&replay),
-        },
-    ];
+    let items = greedy_and_replayed((&long, &short), &greedy, 6, &[5, 6, 7]);
     let request = everything(meta.config.num_hidden_layers);
     for items in [&items[..], &items[1..2]] {
         let run = || capture_batch(&model, items, &request, &mut |_| {}).unwrap();
@@ -336,13 +335,10 @@ fn decode_projection_captures_what_the_matmuls_do() {
             assert_eq!(k.response_ids, m.response_ids, "item {i}");
             assert_traces_close(&format!("item {i} of {}", items.len()), k, m);
         }
-        let differs = kernel.iter().zip(&matmul).any(|(k, m)| {
-            k.layers
-                .iter()
-                .zip(&m.layers)
-                .any(|(a, b)| a.residual_out.data != b.residual_out.data)
-        });
-        assert!(differs, "decode steps used the matmul");
+        assert!(
+            residuals_differ(&kernel, &matmul),
+            "decode steps used the matmul"
+        );
     }
 }
 
