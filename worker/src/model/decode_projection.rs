@@ -89,7 +89,11 @@ fn cpu_sums<T: WithDType>(
     (x, x_layout): (&CpuStorage, &Layout),
     (w, w_layout): (&CpuStorage, &Layout),
 ) -> candle_core::Result<CpuStorage> {
-    let k = w_layout.dims()[1];
+    let (n, k) = x_layout.shape().dims2()?;
+    let out = w_layout.dims()[0];
+    if k == 0 {
+        return Ok(WithDType::to_cpu_storage_owned(vec![T::zero(); n * out]));
+    }
     let x = contiguous(x.as_slice::<T>()?, x_layout, NAME)?;
     let w = contiguous(w.as_slice::<T>()?, w_layout, NAME)?;
     let y: Vec<T> = x
@@ -211,6 +215,15 @@ pub(crate) mod tests {
                 assert!((g - w).abs() <= w.abs() / 128.0 + 1e-3, "bf16 {g} {w}");
             }
         }
+    }
+
+    #[test]
+    fn rows_of_no_elements_sum_to_zero() {
+        let x = Tensor::zeros((2, 0), DType::F32, &Device::Cpu).unwrap();
+        let w = Tensor::zeros((3, 0), DType::F32, &Device::Cpu).unwrap();
+        let y = project(&x, &w).unwrap();
+        assert_eq!(y.dims(), &[2, 3]);
+        assert_eq!(values(&y), vec![0.0; 6]);
     }
 
     #[test]
