@@ -87,7 +87,7 @@ pub const DECODE_SPLIT_FROM: usize = 256;
 /// of `matvec.cu`.)
 pub const MATVEC_MAX_ROWS: usize = 4;
 
-/// Threads per block of the matvec kernel.
+/// Threads per block of the matvec kernel (its `__launch_bounds__`).
 pub const MATVEC_BLOCK: usize = 128;
 
 /// Output columns (weight rows) per warp of the matvec kernel
@@ -187,6 +187,23 @@ mod tests {
         assert!(!matvec_fits(1, 6, 4));
         assert!(matvec_fits(1, 4, 4));
         assert!(!matvec_fits(1, 1 << 31, 2));
+    }
+
+    #[test]
+    fn matvec_constants_are_the_kernel_s() {
+        // The launch sizes its grid and checks its rows with these; the
+        // kernel's arrays and launch bounds are sized by its own copies.
+        let source = include_str!("matvec.cu");
+        for (name, value) in [
+            ("MATVEC_MAX_ROWS", MATVEC_MAX_ROWS),
+            ("MATVEC_OUT_PER_WARP", MATVEC_OUT_PER_WARP),
+        ] {
+            assert!(
+                source.contains(&format!("#define {name} {value}\n")),
+                "{name} is not {value} in matvec.cu"
+            );
+        }
+        assert!(source.contains(&format!("__launch_bounds__({MATVEC_BLOCK})")));
     }
 
     #[test]
