@@ -437,6 +437,11 @@ fn bf16_stored_weights_capture_what_their_f32_widening_captures() {
     let reference = Gemma2::new(&meta.config, widened).unwrap();
     assert_eq!(reference.matrix_dtype(), DType::F32);
     let (short, long) = short_and_long(&meta);
+    // A prompt pass of this many rows alone goes through the blocked
+    // product (`model::bf16_blocks`), the others through the widening one.
+    let longest: Vec<u32> = long.iter().cycle().take(130).copied().collect();
+    assert!(longest.len() >= crate::model::bf16_blocks::MIN_VECTORS);
+    assert!(long.len() < crate::model::bf16_blocks::MIN_VECTORS);
     let greedy = Sampling::Greedy;
     let generate = |prompt_key| ResponsePlan::Generate {
         sampling: &greedy,
@@ -453,10 +458,15 @@ fn bf16_stored_weights_capture_what_their_f32_widening_captures() {
             prompt_ids: &short,
             plan: generate("t/2"),
         },
+        BatchItem {
+            prompt_ids: &longest,
+            plan: generate("t/3"),
+        },
     ];
     let request = everything(meta.config.num_hidden_layers);
-    // Batched (several vectors per product) and alone (one vector per decode
-    // step): both kernel shapes against the f32 GEMM path.
+    // Batched (a prompt pass of many vectors, decode steps of a few) and
+    // alone (prompt passes of fewer vectors but the longest's, one vector
+    // per decode step): every kernel shape against the f32 GEMM path.
     let ours = capture_batch(&model, &items, &request, &mut |_| {}).unwrap();
     let theirs = capture_batch(&reference, &items, &request, &mut |_| {}).unwrap();
     for (i, item) in items.iter().enumerate() {

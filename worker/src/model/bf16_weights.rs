@@ -12,8 +12,11 @@
 //! `pair & 0xFFFF0000` are the two f32 values without any shuffle. The
 //! activations are split once into their even and odd elements to match.
 //! Rows are processed four at a time against up to four activation vectors
-//! (16 accumulators in registers), the rows split across the thread pool;
-//! a prompt pass's many vectors go 64 at a time.
+//! (16 accumulators in registers), the rows split across the thread pool,
+//! 64 vectors at a time. From [`bf16_blocks::MIN_VECTORS`] vectors on (a
+//! long prompt's pass, or a batch's) [`bf16_blocks`] takes the product
+//! instead: this kernel stays near 40% of the machine's multiply-add rate
+//! there (`bf16_blocks_speed`).
 //!
 //! Measured on the 2-core development machine (`bf16_rows_speed` below,
 //! best of 20 calls): a 256000x2304 matrix (the embedding, 1.2 GB, past any
@@ -32,6 +35,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
+use super::bf16_blocks;
 use super::matvec::contiguous;
 
 /// Weight rows per parallel task.
@@ -52,24 +56,12 @@ pub fn applies(x: &Tensor, w: &Tensor) -> bool {
 
 /// `x @ w^T` for f32 `x` `[n, in]` and bf16 `w` `[out, in]`, in f32.
 pub fn project(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let n = x.dim(0)?;
-    if n <= KERNEL_MAX_ROWS {
-        return x.apply_op2_no_bwd(&w, &Bf16Rows);
-    }
-    // Blocks of vectors small enough to stay in the L2 cache while the
-    // weights stream past them.
-    let parts = (0..n)
-        .step_by(KERNEL_MAX_ROWS)
-        .map(|start| {
-            x.narrow(0, start, KERNEL_MAX_ROWS.min(n - start))?
-                .apply_op2_no_bwd(&w, &Bf16Rows)
-        })
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Tensor::cat(&parts, 0)
+    x.contiguous()?
+        .apply_op2_no_bwd(&w.contiguous()?, &Bf16Rows)
 }
 
-/// The custom op behind [`project`] for at most [`KERNEL_MAX_ROWS`] vectors.
+/// The custom op behind [`project`]: a prompt pass's many vectors through
+/// [`bf16_blocks`], a decode step's few through this module's kernel.
 #[derive(Debug, Clone, Copy)]
 pub struct Bf16Rows;
 
@@ -92,10 +84,12 @@ impl CustomOp2 for Bf16Rows {
         }
         let x = contiguous::<f32>(x, x_layout)?;
         let w = contiguous::<bf16>(w, w_layout)?;
-        Ok((
-            CpuStorage::F32(rows_times(x, n, w, out, k)),
-            Shape::from((n, out)),
-        ))
+        let y = if n >= bf16_blocks::MIN_VECTORS {
+            bf16_blocks::rows_times(x, n, w, out, k)
+        } else {
+            in_vector_blocks(x, n, w, out, k)
+        };
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 }
 
@@ -120,6 +114,20 @@ impl SplitVectors {
             last: rows().map(|r| (k % 2 == 1).then(|| r[k - 1])).collect(),
         }
     }
+}
+
+/// [`rows_times`] for any number of vectors, [`KERNEL_MAX_ROWS`] at a time
+/// (small enough to stay in the L2 cache while the weights stream past).
+pub(super) fn in_vector_blocks(x: &[f32], n: usize, w: &[bf16], out: usize, k: usize) -> Vec<f32> {
+    if n <= KERNEL_MAX_ROWS {
+        return rows_times(x, n, w, out, k);
+    }
+    let mut y = Vec::with_capacity(n * out);
+    for first in (0..n).step_by(KERNEL_MAX_ROWS) {
+        let count = KERNEL_MAX_ROWS.min(n - first);
+        y.extend(rows_times(&x[first * k..], count, w, out, k));
+    }
+    y
 }
 
 /// `y[j][o] = sum_i x[j][i] * w[o][i]`, returned row-major `[n, out]`.

@@ -1,6 +1,7 @@
 //! The hooked Gemma-2 model: configuration, weights and the forward pass.
 
 pub mod attention_softmax;
+pub mod bf16_blocks;
 pub mod bf16_weights;
 pub mod cache;
 pub mod config;
