@@ -14,17 +14,18 @@
 //!   column of the whole panel;
 //! - a task takes [`TASK_ROWS`] weight rows and, per block of [`KC`]
 //!   columns, widens them to f32 (exact: bf16 is the high half of an f32)
-//!   into panels of `MR` (12) rows, per column the 12 weights side by side
-//!   (96 KiB per block, in the L2 cache);
+//!   into a buffer, each row [`KC`] values long (96 KiB per block, in the L2
+//!   cache), so that a panel's 12 rows are one address and constant
+//!   offsets apart;
 //! - for each panel of vectors (its block, 32 KiB, in L1) and each panel of
-//!   rows, a register tile of 12 rows by 32 vectors adds, per column, each
-//!   broadcast weight times the two registers of activations: 24
+//!   12 rows, a register tile of 12 rows by 32 vectors adds, per column,
+//!   each broadcast weight times the two registers of activations: 24
 //!   accumulators, two loads and 12 broadcasts per 24 multiply-adds. A
 //!   block's sums are added to the previous blocks' in the output.
 //!
 //! Each output is its products summed in column order within a block, then
-//! the blocks' sums in order. Widening the weights costs about as much as
-//! the products of 64 vectors, so decode steps and short prompts keep the
+//! the blocks' sums in order. Widening the weights costs about what 32
+//! vectors' products cost, so decode steps and short prompts keep the
 //! other kernel ([`MIN_VECTORS`]). Measured on the 2-core development
 //! machine (`bf16_blocks_speed` below; docs/benchmarks.md, "Long prompts'
 //! products").
@@ -40,10 +41,10 @@ const TASK_ROWS: usize = 96;
 /// lanes) stays in the L1 cache while every weight row of the task passes.
 const KC: usize = 256;
 
-/// Fewest activation rows for which this kernel is used: below it a pass
-/// reads each weight about once, and widening as it multiplies is as fast
+/// Fewest activation rows for which this kernel is used: at 32 the two
+/// kernels were about equal, at 64 this one 1.0-1.6x faster
 /// (`bf16_blocks_speed`).
-pub const MIN_VECTORS: usize = 128;
+pub const MIN_VECTORS: usize = 64;
 
 /// Vectors per panel: two SIMD registers with 16 lanes, four with 8.
 const NR: usize = 32;
@@ -172,13 +173,13 @@ impl Task<'_> {
         packed.resize(row_panels * KC * MR, 0.0);
         for first_col in (0..k).step_by(KC) {
             let cols = KC.min(k - first_col);
-            pack_weights::<MR>(w, k, first_col, cols, packed);
+            pack_weights(w, k, first_col, cols, packed);
             for (panel, vectors) in panels.chunks_exact(k * NR).enumerate() {
                 let vectors = &vectors[first_col * NR..(first_col + cols) * NR];
                 let first_vector = panel * NR;
                 let count = NR.min(n - first_vector);
                 for (row_panel, weights) in packed.chunks_exact(KC * MR).enumerate() {
-                    let sums = tile::<S, MR, NV>(simd, &weights[..cols * MR], vectors);
+                    let sums = tile::<S, MR, NV>(simd, weights, vectors, cols);
                     for (i, row_sums) in sums.iter().enumerate() {
                         let row = row_panel * MR + i;
                         if row >= rows {
@@ -218,66 +219,49 @@ impl Task<'_> {
 }
 
 /// Widens columns `first..first + cols` of `w`'s rows into `packed`, in
-/// panels of `MR` rows, each `[cols, MR]` (a column's `MR` weights side by
-/// side); rows past the last zero.
+/// panels of `MR` rows of [`KC`] values each (a block's `cols` first); rows
+/// past the last zero.
 #[inline(always)]
-fn pack_weights<const MR: usize>(
-    w: &[bf16],
-    k: usize,
-    first: usize,
-    cols: usize,
-    packed: &mut [f32],
-) {
-    const NONE: &[bf16] = &[];
-    for (panel, dst) in packed.chunks_exact_mut(KC * MR).enumerate() {
-        let dst = &mut dst[..cols * MR];
-        let first_row = panel * MR;
-        let present = (w.len() / k).saturating_sub(first_row).min(MR);
-        if present < MR {
-            // The last panel of a task whose rows are not a whole number
-            // of panels: rows past the last are zero.
-            dst.fill(0.0);
-        }
-        let rows: [&[bf16]; MR] = std::array::from_fn(|i| {
-            let row = first_row + i;
-            if i < present {
-                &w[row * k + first..row * k + first + cols]
-            } else {
-                NONE
-            }
-        });
-        if present == MR {
-            for (c, column) in dst.chunks_exact_mut(MR).enumerate() {
-                for (value, row) in column.iter_mut().zip(&rows) {
-                    *value = f32::from_bits(u32::from(row[c].to_bits()) << 16);
-                }
+fn pack_weights(w: &[bf16], k: usize, first: usize, cols: usize, packed: &mut [f32]) {
+    let rows = w.len() / k;
+    for (row, dst) in packed.chunks_exact_mut(KC).enumerate() {
+        let dst = &mut dst[..cols];
+        if row < rows {
+            let src = &w[row * k + first..row * k + first + cols];
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = f32::from_bits(u32::from(s.to_bits()) << 16);
             }
         } else {
-            for (i, row) in rows.iter().enumerate().take(present) {
-                for (c, b) in row.iter().enumerate() {
-                    dst[c * MR + i] = f32::from_bits(u32::from(b.to_bits()) << 16);
-                }
-            }
+            dst.fill(0.0);
         }
     }
 }
 
-/// The sums of an `MR`-row panel of packed weights (`[cols, MR]`) times a
-/// panel of vectors (`[cols, NR]`): per row, `NV` SIMD registers of the
-/// vectors' sums.
+/// The sums of an `MR`-row panel of widened weights (`MR` rows of [`KC`],
+/// `cols` of them used) times a panel of vectors (`[cols, NR]`): per row,
+/// `NV` SIMD registers of the vectors' sums.
 #[inline(always)]
 fn tile<S: pulp::Simd, const MR: usize, const NV: usize>(
     simd: S,
     weights: &[f32],
     vectors: &[f32],
+    cols: usize,
 ) -> [[S::f32s; NV]; MR] {
     let lanes = S::F32_LANES;
+    // Rows of a length known when compiling: one pointer and constant
+    // offsets for the twelve broadcasts, no bounds checks.
+    let rows: [&[f32; KC]; MR] = std::array::from_fn(|i| {
+        weights[i * KC..(i + 1) * KC]
+            .try_into()
+            .expect("a panel holds MR rows of KC")
+    });
     let mut acc = [[simd.splat_f32s(0.0); NV]; MR];
-    for (column_weights, column) in weights.chunks_exact(MR).zip(vectors.chunks_exact(NR)) {
+    for c in 0..cols.min(KC) {
+        let column = &vectors[c * NR..(c + 1) * NR];
         let x: [S::f32s; NV] =
             std::array::from_fn(|v| S::as_simd_f32s(&column[v * lanes..(v + 1) * lanes]).0[0]);
         for i in 0..MR {
-            let weight = simd.splat_f32s(column_weights[i]);
+            let weight = simd.splat_f32s(rows[i][c]);
             for v in 0..NV {
                 acc[i][v] = simd.mul_add_f32s(weight, x[v], acc[i][v]);
             }

@@ -118,6 +118,8 @@ impl SplitVectors {
 
 /// [`rows_times`] for any number of vectors, [`KERNEL_MAX_ROWS`] at a time
 /// (small enough to stay in the L2 cache while the weights stream past).
+/// `project` gives it fewer than [`bf16_blocks::MIN_VECTORS`]; the blocked
+/// product's tests and speed probe compare against it with more.
 pub(super) fn in_vector_blocks(x: &[f32], n: usize, w: &[bf16], out: usize, k: usize) -> Vec<f32> {
     if n <= KERNEL_MAX_ROWS {
         return rows_times(x, n, w, out, k);
@@ -366,7 +368,8 @@ mod tests {
         // 130 rows: two full tasks, a partial one, and a row group of 1 + 1;
         // 2304 columns: whole SIMD chunks; 37 and 70: an odd last element
         // and a tail of pairs; vectors: 1, groups of 4 with 1-3 left, the
-        // most one pass takes and two passes beyond it.
+        // most this kernel is given, and the blocked product's first and
+        // two of its panels and one vector (`project` passes those on).
         for (cols, n) in [
             (2304, 1),
             (2304, 2),
@@ -374,8 +377,9 @@ mod tests {
             (70, 5),
             (37, 1),
             (37, 6),
-            (2304, KERNEL_MAX_ROWS),
-            (70, KERNEL_MAX_ROWS + 1),
+            (2304, bf16_blocks::MIN_VECTORS - 1),
+            (2304, bf16_blocks::MIN_VECTORS),
+            (70, 65),
         ] {
             check(130, cols, n);
         }
