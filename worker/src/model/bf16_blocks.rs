@@ -51,6 +51,19 @@ const NR: usize = 32;
 
 /// `y[j][o] = sum_i x[j][i] * w[o][i]`, returned row-major `[n, out]`.
 pub fn rows_times(x: &[f32], n: usize, w: &[bf16], out: usize, k: usize) -> Vec<f32> {
+    rows_times_on(x, n, w, out, k, |task| pulp::Arch::new().dispatch(task))
+}
+
+/// [`rows_times`] with each task run by `run` (the best SIMD the CPU has;
+/// tests choose narrower ones).
+fn rows_times_on(
+    x: &[f32],
+    n: usize,
+    w: &[bf16],
+    out: usize,
+    k: usize,
+    run: impl Fn(Task<'_>) + Sync,
+) -> Vec<f32> {
     if n == 0 || out == 0 || k == 0 {
         return vec![0f32; n * out];
     }
@@ -67,7 +80,7 @@ pub fn rows_times(x: &[f32], n: usize, w: &[bf16], out: usize, k: usize) -> Vec<
             // must not run in a closure of its own (it would be compiled
             // without the CPU features `dispatch` enables).
             let mut packed = PACKED.take();
-            pulp::Arch::new().dispatch(Task {
+            run(Task {
                 w: &w[first * k..(first + rows) * k],
                 k,
                 panels: &panels,
@@ -143,12 +156,13 @@ impl pulp::WithSimd for Task<'_> {
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, simd: S) {
         // Twelve weight rows by two registers of vectors where there are 32
-        // SIMD registers of 16 lanes (24 accumulators), fewer where there
-        // are 16 registers or narrower ones (`NR / lanes` registers of
+        // SIMD registers of 16 lanes (24 accumulators), two by four where
+        // there are 16 of 8 lanes (8 accumulators, 4 activations and a
+        // broadcast), fewer with narrower ones (`NR / lanes` registers of
         // vectors in every case).
         match NR / S::F32_LANES {
             2 => self.run::<S, 12, 2>(simd),
-            4 => self.run::<S, 3, 4>(simd),
+            4 => self.run::<S, 2, 4>(simd),
             8 => self.run::<S, 2, 8>(simd),
             _ => self.run::<S, 1, NR>(simd),
         }
@@ -322,6 +336,26 @@ mod tests {
                 .unwrap();
             let diff = relative_difference(&ours, &gemm);
             assert!(diff < 1e-5, "{cols} columns, {n} vectors: {diff}");
+        }
+    }
+
+    #[test]
+    fn narrower_simd_gives_the_same_products() {
+        // The tile shapes of 8-lane registers (AVX2) and of none (scalar);
+        // the best the CPU has is what the other tests run.
+        let (rows, cols, n) = (30, 600, 40);
+        let (x, w) = operands(rows, cols, n);
+        let best = rows_times(&x, n, &w, rows, cols);
+        let scalar = rows_times_on(&x, n, &w, rows, cols, |task| {
+            pulp::Simd::vectorize(pulp::Scalar::new(), task)
+        });
+        assert!(relative_difference(&scalar, &best) < 1e-5);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(v3) = pulp::x86::V3::try_new() {
+            let avx2 = rows_times_on(&x, n, &w, rows, cols, |task| {
+                pulp::Simd::vectorize(v3, task)
+            });
+            assert!(relative_difference(&avx2, &best) < 1e-5);
         }
     }
 
