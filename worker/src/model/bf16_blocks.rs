@@ -115,7 +115,7 @@ fn pack_vectors(x: &[f32], n: usize, k: usize) -> Vec<f32> {
 
 /// `[rows, cols]` to `[cols, rows]`, 16 output rows per parallel task (each
 /// source row's 16 values one cache line).
-fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+pub(super) fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     const BLOCK: usize = 16;
     let mut dst = vec![0f32; rows * cols];
     dst.par_chunks_mut(BLOCK * rows)

@@ -156,13 +156,7 @@ fn rows_times(x: &[f32], n: usize, w: &[bf16], out: usize, k: usize) -> Vec<f32>
     if n == 1 {
         return by_row;
     }
-    let mut y = vec![0f32; n * out];
-    for (o, values) in by_row.chunks_exact(n).enumerate() {
-        for (j, value) in values.iter().enumerate() {
-            y[j * out + o] = *value;
-        }
-    }
-    y
+    bf16_blocks::transpose(&by_row, out, n)
 }
 
 /// One task: a block of weight rows against every vector.
